@@ -1,0 +1,38 @@
+"""Stage `heads`: SSD neighbour heads distilled against the frozen AR backbone.
+
+  python train.py --config=configs/heads.py --workdir=runs/fmnist     # after tokenizer, ar
+  python train.py --config=configs/heads.py:smoke --workdir=/tmp/smoke
+
+Writes <workdir>/heads/ with results.json: per head, top-1 agreement with the backbone's
+argmax and the mean acceptance probability sum(min(p, q)) on held-out grids.
+"""
+
+import ml_collections
+
+from configs import common
+
+
+def get_config(arg=None):
+  config = common.base('heads')
+  config.tokenizer_dir = ''  # Trained tokenizer stage; '' = <workdir>/tokenizer.
+  config.ar_dir = ''  # Trained AR stage (the frozen backbone); '' = <workdir>/ar.
+  config.batch_size = 64
+  config.num_steps = 8000
+  config.learning_rate = 1e-3
+  config.warmup_steps = 300
+  config.log_every = 100
+  config.checkpoint_every = 1000
+
+  config.heads = ml_collections.ConfigDict()
+  config.heads.num_horizontal = 3  # Heads for (y, x+1..x+k_h) (paper: k_h = 5).
+  config.heads.num_vertical = 2  # Heads for (y+1..y+k_v, x) (paper: k_v = 1..2).
+  config.heads.mlp_dim = 256  # SwiGLU width inside each head.
+  config.heads.ce_weight = 0.5  # Weight of the cross-entropy towards the backbone's p.
+  config.heads.null_fraction = 0.25  # Share of null-class grids (CFG drafts need them).
+
+  if arg == 'smoke':
+    common.smoke(config)
+    config.heads.mlp_dim = 32
+  elif arg:
+    raise ValueError(f'unknown config variant {arg!r}; use configs/heads.py[:smoke]')
+  return config

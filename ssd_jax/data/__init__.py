@@ -1,0 +1,1 @@
+"""Datasets served through tensorflow-datasets data sources (no TensorFlow needed)."""

@@ -1,0 +1,78 @@
+"""Draft source: the SSD neighbour heads, queried from committed positions.
+
+h(i) below is the target's hidden state that predicted token i (kept per committed
+position in the decode state). A draft for position j comes either from the horizontal
+head d = j - (n - 1) at the last committed position n - 1 (same row only), or from the
+vertical head 1 at the position straight above, j - W (when that one is committed).
+Draft distributions go through the target's own CFG and sampling processing.
+"""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from ssd_jax.decoding import target as target_lib
+from ssd_jax.models import heads as heads_lib
+
+
+def gather(x, idx, axis):
+  """x [..., N, ...] along `axis` (the batch axis is axis - 1) at idx [B, K] -> [..., B, K, ...]."""
+  idx = jnp.clip(idx, 0, x.shape[axis] - 1)
+  shape = idx.shape + (1,) * (x.ndim - axis - 1)
+  lead = (1,) * (axis - 1)
+  return jnp.take_along_axis(x, idx.reshape(lead + shape), axis=axis)
+
+
+@dataclasses.dataclass(frozen=True)
+class HeadDrafter:
+  target: target_lib.Target
+  heads: heads_lib.NeighbourHeads
+  # Offsets 1..horizontal_first after the last committed token use the horizontal heads,
+  # the rest the vertical head (pick it from the heads' measured acceptance).
+  horizontal_first: int = 1
+
+  def _emb(self, params, tokens):
+    return self.target.embed(params['backbone'], jnp.maximum(tokens, 0))
+
+  def _apply(self, params, method, hidden, emb):  # hidden [G, B, ..., D], emb [B, ..., D]
+    emb = jnp.broadcast_to(emb, hidden.shape)
+    return self.heads.apply({'params': params['heads']}, hidden, emb, method=method)
+
+  def block(self, params, tokens, hidden, n, k):
+    """Drafts for positions n .. n+k-1 of each sample.
+
+    tokens [B, N], hidden [G, B, N, D], n [B] committed counts (>= 1) ->
+    (q [B, k, V], valid [B, k]): valid is False where no head reaches the position.
+    """
+    grid_w = self.target.model.grid[1]
+    num_tokens = tokens.shape[1]
+    last = n - 1                                                  # [B]
+    pos = n[:, None] + jnp.arange(k)[None]                        # [B, k]
+    dist = jnp.arange(1, k + 1)[None]                             # [1, k]
+    # Horizontal: all k_h heads at the last committed position.
+    src_h = gather(hidden, last[:, None], axis=2)[:, :, 0]        # [G, B, D]
+    emb_h = self._emb(params, gather(tokens, last[:, None], axis=1)[:, 0])
+    hor = self._apply(params, self.heads.all_horizontal, src_h, emb_h)  # [G, B, kh, D]
+    kh = self.heads.num_horizontal
+    hor = gather(hor, jnp.broadcast_to(jnp.minimum(dist, kh) - 1, pos.shape), axis=2)
+    hor_ok = (dist <= kh) & ((last % grid_w)[:, None] + dist < grid_w)
+    # Vertical: head 1 at the position above each drafted one.
+    above = pos - grid_w
+    src_v = gather(hidden, above, axis=2)                         # [G, B, k, D]
+    emb_v = self._emb(params, gather(tokens, above, axis=1))
+    ver = self._apply(params, self.heads.all_vertical, src_v, emb_v)[..., 0, :]
+    ver_ok = (above >= 0) & (above <= last[:, None])
+    use_h = hor_ok & ((dist <= self.horizontal_first) | ~ver_ok)
+    pred = jnp.where(use_h[None, ..., None], hor, ver)            # [G, B, k, D]
+    valid = (hor_ok | ver_ok) & (pos < num_tokens)
+    return self.target.draft_probs(params['backbone'], pred), valid
+
+  def row(self, params, tokens, hidden, y):
+    """Vertical-head drafts for the whole row y [B] from row y - 1: q [B, W, V]."""
+    grid_w = self.target.model.grid[1]
+    above = (y - 1)[:, None] * grid_w + jnp.arange(grid_w)[None]  # [B, W]
+    src = gather(hidden, above, axis=2)
+    emb = self._emb(params, gather(tokens, above, axis=1))
+    ver = self._apply(params, self.heads.all_vertical, src, emb)[..., 0, :]
+    return self.target.draft_probs(params['backbone'], ver)

@@ -1,0 +1,1 @@
+"""Flax Linen modules: VQ tokenizer, AR transformer, neighbour heads."""

@@ -1,0 +1,70 @@
+"""Building blocks with logical axis names: dense layers, RMSNorm, SwiGLU, axial 2D RoPE."""
+
+from typing import Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+DEFAULT_INIT = nn.initializers.normal(0.02)
+
+
+class Dense(nn.Module):
+  """x @ W (+ b) with a kernel whose axes carry logical names, e.g. ('embed', 'mlp')."""
+  features: int
+  axes: Sequence[str]
+  use_bias: bool = False
+  kernel_init: nn.initializers.Initializer = DEFAULT_INIT
+
+  @nn.compact
+  def __call__(self, x):
+    kernel = self.param('kernel', nn.with_logical_partitioning(self.kernel_init, self.axes),
+                        (x.shape[-1], self.features))
+    y = x @ kernel
+    if self.use_bias:
+      y = y + self.param('bias', nn.with_logical_partitioning(
+          nn.initializers.zeros, self.axes[1:]), (self.features,))
+    return y
+
+
+class RMSNorm(nn.Module):
+  eps: float = 1e-6
+
+  @nn.compact
+  def __call__(self, x):
+    scale = self.param('scale', nn.with_logical_partitioning(nn.initializers.ones, ('embed',)),
+                       (x.shape[-1],))
+    return x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + self.eps) * scale
+
+
+class SwiGLU(nn.Module):
+  hidden: int
+
+  @nn.compact
+  def __call__(self, x):  # [..., D] -> [..., D]
+    gate = Dense(self.hidden, ('embed', 'mlp'), name='gate')(x)
+    up = Dense(self.hidden, ('embed', 'mlp'), name='up')(x)
+    return Dense(x.shape[-1], ('mlp', 'embed'), name='down')(nn.silu(gate) * up)
+
+
+def rope_angles(rows, cols, head_dim, base):
+  """Axial 2D RoPE angles: half of the rotary pairs turn with the row, half with the column.
+
+  rows, cols [B, T] (any ints; the condition prefix uses negative ones) -> [B, T, head_dim/2].
+  """
+  if head_dim % 4:
+    raise ValueError(f'head_dim={head_dim} must be a multiple of 4 for axial 2D RoPE.')
+  quarter = head_dim // 4
+  freqs = base ** (-jnp.arange(quarter, dtype=jnp.float32) / quarter)  # [head_dim/4]
+  row_angles = rows[..., None].astype(jnp.float32) * freqs
+  col_angles = cols[..., None].astype(jnp.float32) * freqs
+  return jnp.concatenate([row_angles, col_angles], axis=-1)
+
+
+def apply_rope(x, angles):
+  """Rotates pairs (x[..., :half], x[..., half:]); x [B, T, H, Dh], angles [B, T, Dh/2]."""
+  half = x.shape[-1] // 2
+  cos = jnp.cos(angles)[:, :, None, :]
+  sin = jnp.sin(angles)[:, :, None, :]
+  x1, x2 = x[..., :half], x[..., half:]
+  return jnp.concatenate([x1 * cos - x2 * sin, x1 * sin + x2 * cos], axis=-1)

@@ -1,0 +1,134 @@
+"""Loading trained stages (a run folder such as the release in checkpoints/fmnist).
+
+A run folder holds one subfolder per stage, each with `model.json` (what is needed to
+rebuild the module) and Orbax checkpoints. Parameters are restored against the abstract
+shapes of the module that model.json describes, so a mismatch is refused by name.
+"""
+
+import dataclasses
+import os
+from typing import Any, Optional
+
+import flax.linen as nn
+
+from ssd_jax import sharding
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ssd_jax.models import heads as heads_lib
+from ssd_jax.models import transformer
+from ssd_jax.models import vq
+from ssd_jax.training import checkpoint
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEFAULT_RELEASE = os.path.join(REPO_ROOT, 'checkpoints', 'fmnist')
+
+
+def tokenizer_module(spec):
+  return vq.VQTokenizer(**spec['tokenizer'])
+
+
+def transformer_module(spec):
+  kw = dict(spec['transformer'])
+  kw['grid'] = tuple(kw['grid'])
+  return transformer.Transformer(**kw)
+
+
+def heads_module(spec):
+  return heads_lib.NeighbourHeads(**spec['heads'])
+
+
+MODULES = {'tokenizer': tokenizer_module, 'ar': transformer_module, 'heads': heads_module}
+
+
+def abstract_params(module, spec_stage, init_args):
+  boxed = jax.eval_shape(lambda: module.init(jax.random.key(0), *init_args)['params'])
+  return sharding.strip_boxes(boxed)
+
+
+def init_args(stage, module):
+  """Dummy inputs that make `module.init` build every parameter."""
+  if stage == 'tokenizer':
+    return (jnp.zeros((1, module.factor * 2, module.factor * 2, module.image_channels)),)
+  if stage == 'ar':
+    return (jnp.zeros((1, module.num_tokens), jnp.int32), jnp.zeros((1,), jnp.int32))
+  return (jnp.zeros((1, module.dim)), jnp.zeros((1, module.dim)))
+
+
+def load_stage(stage_dir, stage, shardings=None):
+  """(module, params, spec) of the newest checkpoint in `stage_dir`."""
+  spec_path = os.path.join(stage_dir, 'model.json')
+  if not os.path.exists(spec_path):
+    raise FileNotFoundError(
+        f'{spec_path} not found: {stage_dir} is not a trained {stage!r} stage. Train it with '
+        f'`python train.py --config=configs/{stage}.py --workdir=...` or pass the run folder '
+        'that holds it.')
+  spec = checkpoint.load_json(spec_path)
+  module = MODULES[stage](spec)
+  target = abstract_params(module, spec, init_args(stage, module))
+  if shardings is not None:
+    target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                          target, shardings)
+  ckpts = checkpoint.StageCheckpoints(stage_dir)
+  step = ckpts.latest_step()
+  if step is None:
+    raise FileNotFoundError(f'no checkpoint in {ckpts.directory}.')
+  params = ckpts.restore(step, {'params': target})['params']
+  return module, params, spec
+
+
+@dataclasses.dataclass
+class Bundle:
+  """Everything sampling needs from a run folder."""
+  run_dir: str
+  tokenizer: vq.VQTokenizer
+  tokenizer_params: Any
+  model: transformer.Transformer
+  params: Any
+  heads: Optional[heads_lib.NeighbourHeads] = None
+  heads_params: Any = None
+  class_names: tuple = ()
+  heads_results: Optional[dict] = None  # heads/results.json: per-head acceptance
+
+  def decode_images(self, tokens, batch_size=256):
+    """tokens [N, H, W] -> uint8 images [N, 28, 28, C]."""
+    fn = jax.jit(lambda t: vq.unit_to_uint8(self.tokenizer.apply(
+        {'params': self.tokenizer_params}, t, method=self.tokenizer.decode)))
+    tokens = np.asarray(tokens)
+    return np.concatenate([np.asarray(fn(tokens[i:i + batch_size]))
+                           for i in range(0, len(tokens), batch_size)])
+
+
+def load(run_dir=None, need_heads=False):
+  run_dir = run_dir or DEFAULT_RELEASE
+  if not os.path.isdir(run_dir):
+    raise FileNotFoundError(f'checkpoint folder {run_dir} does not exist; pass --checkpoint '
+                            'with a run folder holding tokenizer/ and ar/ (and heads/).')
+  tok, tok_params, _ = load_stage(os.path.join(run_dir, 'tokenizer'), 'tokenizer')
+  model, params, spec = load_stage(os.path.join(run_dir, 'ar'), 'ar')
+  heads_dir = os.path.join(run_dir, 'heads')
+  heads = heads_params = heads_results = None
+  if os.path.isdir(heads_dir):
+    heads, heads_params, _ = load_stage(heads_dir, 'heads')
+    results_path = os.path.join(heads_dir, 'results.json')
+    if os.path.exists(results_path):
+      heads_results = checkpoint.load_json(results_path)
+  elif need_heads:
+    raise FileNotFoundError(f'{heads_dir} not found: this method drafts with neighbour heads; '
+                            'train them with `python train.py --config=configs/heads.py`.')
+  bundle = Bundle(run_dir, tok, tok_params, model, params, heads, heads_params,
+                  tuple(spec.get('class_names', ())), heads_results)
+  check_consistent(bundle)
+  return bundle
+
+
+def check_consistent(bundle):
+  grid = (bundle.tokenizer_params['codebook'].shape[0],)
+  if bundle.model.vocab_size != grid[0]:
+    raise ValueError(f'{bundle.run_dir}: the AR model has a vocabulary of '
+                     f'{bundle.model.vocab_size} but the tokenizer has {grid[0]} codes; the '
+                     'stages come from different runs.')
+  if bundle.heads is not None and bundle.heads.dim != bundle.model.dim:
+    raise ValueError(f'{bundle.run_dir}: heads of width {bundle.heads.dim} do not fit a '
+                     f'backbone of width {bundle.model.dim}; retrain the heads stage.')

@@ -1,0 +1,1 @@
+"""Training stages (tokenizer, ar, heads, ...) sharing one loop and one checkpoint format."""

@@ -1,0 +1,116 @@
+"""Stage `heads`: neighbour heads distilled against the frozen AR backbone.
+
+Targets come from one teacher-forced backbone pass over a data grid: hidden[:, i] is the
+pre-norm state that predicts token i, so for source position (y, x) the horizontal head k
+regresses hidden at (y, x + k) and the vertical head k hidden at (y + k, x) (Smooth-L1),
+plus optionally a cross-entropy towards the backbone's token distribution there.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from ssd_jax import pretrained
+from ssd_jax.data import pipeline
+from ssd_jax.training import ar_stage
+
+
+def head_names(heads):
+  return ([f'horizontal_{k + 1}' for k in range(heads.num_horizontal)]
+          + [f'vertical_{k + 1}' for k in range(heads.num_vertical)])
+
+
+def neighbour_targets(x, grid, heads):
+  """x [B, N, ...] -> ([B, N, K, ...] value at each head's neighbour, [N, K] validity)."""
+  h, w = grid
+  rows, cols = np.divmod(np.arange(h * w), w)
+  idx, valid = [], []
+  for k in range(1, heads.num_horizontal + 1):
+    idx.append(np.minimum(np.arange(h * w) + k, h * w - 1))
+    valid.append(cols + k < w)
+  for k in range(1, heads.num_vertical + 1):
+    idx.append(np.minimum(np.arange(h * w) + k * w, h * w - 1))
+    valid.append(rows + k < h)
+  idx = np.stack(idx, 1)  # [N, K]
+  return x[:, idx], jnp.asarray(np.stack(valid, 1))
+
+
+def head_outputs(model, heads, backbone, head_params, tokens, labels):
+  """(predicted hidden [B, N, K, D], target hidden [B, N, K, D], target logits, valid)."""
+  _, hidden = model.apply({'params': backbone}, tokens, labels)
+  hidden = jax.lax.stop_gradient(hidden)
+  emb = model.apply({'params': backbone}, tokens, method=model.embed_tokens)
+  hor, ver = heads.apply({'params': head_params}, hidden, emb)
+  pred = jnp.concatenate([hor, ver], axis=2)
+  target, valid = neighbour_targets(hidden, model.grid, heads)
+  return pred, target, valid
+
+
+def make_stage(config, workdir):
+  tok_dir = ar_stage.earlier_stage_dir(config.tokenizer_dir, workdir, 'tokenizer')
+  ar_dir = ar_stage.earlier_stage_dir(config.ar_dir, workdir, 'ar')
+  tokenizer, tok_params, _ = pretrained.load_stage(tok_dir, 'tokenizer')
+  model, backbone, ar_spec = pretrained.load_stage(ar_dir, 'ar')
+  spec = dict(dim=model.dim, **config.heads.to_dict())
+  ce_weight, null_fraction = spec.pop('ce_weight'), spec.pop('null_fraction')
+  heads = pretrained.heads_module({'heads': spec})
+  encode = ar_stage.encode_fn(tokenizer)
+  logits_fn = lambda p, h: model.apply({'params': p}, h, method=model.logits_from_hidden)
+
+  def init_params(key):
+    return heads.init(key, jnp.zeros((1, model.dim)), jnp.zeros((1, model.dim)))['params']
+
+  def loss_fn(params, frozen, batch, key, extra):
+    del extra
+    tokens = encode(frozen['tokenizer'], batch['image'])
+    # Some null-class grids: CFG drafts from the unconditional half too.
+    labels = jnp.where(jax.random.bernoulli(key, null_fraction, batch['label'].shape),
+                       model.null_class, batch['label'])
+    pred, target, valid = head_outputs(model, heads, frozen['backbone'], params, tokens,
+                                       labels)
+    weight = jnp.broadcast_to(valid[None], pred.shape[:3]).astype(jnp.float32)  # [B, N, K]
+    count = jnp.sum(weight)
+    l1 = jnp.sum(jnp.mean(optax.huber_loss(pred, target), -1) * weight) / count
+    q_logits = logits_fn(frozen['backbone'], pred)
+    p = jax.nn.softmax(logits_fn(frozen['backbone'], target))
+    ce = -jnp.sum(p * jax.nn.log_softmax(q_logits), -1)  # [B, N, K]
+    ce = jnp.sum(ce * weight) / count
+    metrics = {'smooth_l1': l1, 'ce': ce}
+    return l1 + ce_weight * ce, (metrics, None)
+
+  def evaluate(params, frozen, stage_dir, mesh):
+    del stage_dir, mesh
+    data = pipeline.load_arrays(config.data, config.data.eval_split, config.eval_examples)
+    return evaluate_heads(model, heads, frozen['backbone'], params,
+                          lambda x: encode(frozen['tokenizer'], x), data)
+
+  from ssd_jax.training import loop  # pylint: disable=g-import-not-at-top
+  return loop.Stage(name='heads', init_params=init_params, loss_fn=loss_fn,
+                    evaluate=evaluate, frozen={'tokenizer': tok_params, 'backbone': backbone},
+                    spec={'heads': spec, 'backbone': ar_spec['transformer']})
+
+
+def evaluate_heads(model, heads, backbone, head_params, encode, data, batch_size=250):
+  """Per head on held-out grids: top-1 agreement with the backbone and sum(min(p, q))."""
+
+  @jax.jit
+  def batch_stats(images, labels):
+    pred, target, valid = head_outputs(model, heads, backbone, head_params, encode(images),
+                                       labels)
+    q = jax.nn.softmax(model.apply({'params': backbone}, pred, method=model.logits_from_hidden))
+    p = jax.nn.softmax(model.apply({'params': backbone}, target,
+                                   method=model.logits_from_hidden))
+    agree = (jnp.argmax(p, -1) == jnp.argmax(q, -1)).astype(jnp.float32)  # [B, N, K]
+    accept = jnp.sum(jnp.minimum(p, q), -1)
+    w = jnp.broadcast_to(valid[None], agree.shape).astype(jnp.float32)
+    return jnp.sum(agree * w, (0, 1)), jnp.sum(accept * w, (0, 1)), jnp.sum(w, (0, 1))
+
+  sums = [np.zeros(heads.num_horizontal + heads.num_vertical) for _ in range(3)]
+  for i in range(0, len(data['label']), batch_size):
+    out = batch_stats(data['image'][i:i + batch_size], data['label'][i:i + batch_size])
+    for s, o in zip(sums, out):
+      s += np.asarray(o)
+  agree, accept, count = sums
+  return {name: {'top1_agreement': float(a / c), 'acceptance': float(p / c)}
+          for name, a, p, c in zip(head_names(heads), agree, accept, count)}
