@@ -10,6 +10,7 @@ from absl import flags
 from ssd_jax import runtime
 from ssd_jax import sample_job
 from ssd_jax.decoding import engine
+from ssd_jax.decoding import sjd
 
 D = sample_job.SampleArgs()
 _METHOD = flags.DEFINE_string('method', D.method, 'One of: ' + ', '.join(
@@ -25,6 +26,29 @@ _TOPP = flags.DEFINE_float('top_p', D.top_p, 'Top-p (nucleus) filter (1 = off).'
 _SEED = flags.DEFINE_integer('seed', D.seed, 'Image i uses key fold_in(key(seed), i).')
 _ROUNDS = flags.DEFINE_integer('ssd_rounds', D.ssd_rounds, 'ssd: verify rounds per row.')
 _DRAFT = flags.DEFINE_integer('draft_len', D.draft_len, 'Drafts verified per pass.')
+_SJD_WINDOW = flags.DEFINE_integer('sjd_window', D.sjd_window, 'sjd/gsd: draft window.')
+_SJD_INIT = flags.DEFINE_enum('sjd_init', D.sjd_init, sjd.INITS,
+                              'sjd/gsd: how new window positions are drafted.')
+_GSD_RANKS = flags.DEFINE_integer('gsd_rank_window', D.gsd_rank_window,
+                                  'gsd: cluster candidates within +-this many ranks.')
+_GSD_PROB = flags.DEFINE_float('gsd_prob_threshold', D.gsd_prob_threshold,
+                               'gsd: cluster members have |p(v) - p(x)| below this.')
+_GSD_DIST = flags.DEFINE_float('gsd_dist_threshold', D.gsd_dist_threshold,
+                               'gsd: ... and squared unit-code distance below this.')
+_LANTERN_K = flags.DEFINE_integer('lantern_k', D.lantern_k, 'lantern: latent neighbours.')
+_LANTERN_DELTA = flags.DEFINE_float('lantern_delta', D.lantern_delta,
+                                    'lantern: most target mass pooled over them.')
+_ZIPAR_WINDOW = flags.DEFINE_integer('zipar_window', D.zipar_window, 'zipar: row r+1 starts '
+                                     'when row r has this many tokens (0 = half the width).')
+_HAWK_LEN = flags.DEFINE_integer('hawk_draft_len', D.hawk_draft_len, 'hawk: horizontal '
+                                 'chain length K (a tree of K + K(K+1)/2 drafts).')
+_MULO_TAU = flags.DEFINE_float('mulo_tau', D.mulo_tau, 'mulo: keep a draft token when the '
+                                'target mass on it and its codebook neighbours is >= this.')
+_MULO_K = flags.DEFINE_integer('mulo_k', D.mulo_k, 'mulo: codebook neighbours pooled.')
+_MULO_RADIUS = flags.DEFINE_integer('mulo_radius', D.mulo_radius, 'mulo: rejected positions '
+                                    'grow by this radius before resampling.')
+_MULO_LANES = flags.DEFINE_integer('mulo_lanes', D.mulo_lanes, 'mulo: islands resampled at '
+                                   'once (0 = all there can be).')
 _CKPT = flags.DEFINE_string('checkpoint', None, 'Run folder (default: checkpoints/fmnist).')
 _OUT = flags.DEFINE_string('out', D.out, 'PNG grid of all images ("" = none).')
 _OUT_DIR = flags.DEFINE_string('out_dir', None, 'Folder for one PNG per image.')
@@ -49,6 +73,13 @@ def main(argv):
       method=_METHOD.value, num_images=_NUM.value, batch_size=_BATCH.value, classes=classes,
       cfg_scale=_CFG.value, temperature=_TEMP.value, top_k=_TOPK.value, top_p=_TOPP.value,
       seed=_SEED.value, ssd_rounds=_ROUNDS.value, draft_len=_DRAFT.value,
+      sjd_window=_SJD_WINDOW.value, sjd_init=_SJD_INIT.value,
+      gsd_rank_window=_GSD_RANKS.value, gsd_prob_threshold=_GSD_PROB.value,
+      gsd_dist_threshold=_GSD_DIST.value, lantern_k=_LANTERN_K.value,
+      lantern_delta=_LANTERN_DELTA.value, zipar_window=_ZIPAR_WINDOW.value,
+      hawk_draft_len=_HAWK_LEN.value,
+      mulo_tau=_MULO_TAU.value, mulo_k=_MULO_K.value, mulo_radius=_MULO_RADIUS.value,
+      mulo_lanes=_MULO_LANES.value,
       checkpoint=_CKPT.value, out=_OUT.value or None, out_dir=_OUT_DIR.value,
       tokens_out=_TOKENS.value, report=_REPORT.value, compare_ar=_COMPARE.value,
       mesh_data=_MESH_DATA.value, mesh_model=_MESH_MODEL.value)

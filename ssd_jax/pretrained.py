@@ -6,17 +6,19 @@ shapes of the module that model.json describes, so a mismatch is refused by name
 """
 
 import dataclasses
+import functools
 import os
 from typing import Any, Optional
 
-import flax.linen as nn
-
-from ssd_jax import sharding
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ssd_jax import sharding
+from ssd_jax.models import classifier as classifier_lib
+from ssd_jax.models import hawk as hawk_lib
 from ssd_jax.models import heads as heads_lib
+from ssd_jax.models import mulo as mulo_lib
 from ssd_jax.models import transformer
 from ssd_jax.models import vq
 from ssd_jax.training import checkpoint
@@ -39,7 +41,19 @@ def heads_module(spec):
   return heads_lib.NeighbourHeads(**spec['heads'])
 
 
-MODULES = {'tokenizer': tokenizer_module, 'ar': transformer_module, 'heads': heads_module}
+def hawk_module(spec):
+  kw = dict(spec['hawk_draft'])
+  kw['grid'] = tuple(kw['grid'])
+  return hawk_lib.HawkDrafter(**kw)
+
+
+def classifier_module(spec):
+  return classifier_lib.Classifier(**spec['classifier'])
+
+
+MODULES = {'tokenizer': tokenizer_module, 'ar': transformer_module, 'heads': heads_module,
+           'classifier': classifier_module, 'hawk_draft': hawk_module,
+           'mulo_draft': transformer_module, 'mulo_upsampler': mulo_lib.upsampler_module}
 
 
 def abstract_params(module, spec_stage, init_args):
@@ -51,8 +65,16 @@ def init_args(stage, module):
   """Dummy inputs that make `module.init` build every parameter."""
   if stage == 'tokenizer':
     return (jnp.zeros((1, module.factor * 2, module.factor * 2, module.image_channels)),)
-  if stage == 'ar':
+  if stage in ('ar', 'mulo_draft'):
     return (jnp.zeros((1, module.num_tokens), jnp.int32), jnp.zeros((1,), jnp.int32))
+  if stage == 'mulo_upsampler':
+    return mulo_lib.upsampler_init_args(module)
+  if stage == 'hawk_draft':  # hidden states and token embeddings of a whole grid
+    n = module.grid[0] * module.grid[1]
+    return (jnp.zeros((1, n, module.dim)), jnp.zeros((1, n, module.dim)))
+  if stage == 'classifier':
+    s = module.image_size
+    return (jnp.zeros((1, s, s, module.image_channels), jnp.uint8),)
   return (jnp.zeros((1, module.dim)), jnp.zeros((1, module.dim)))
 
 
@@ -67,9 +89,13 @@ def load_stage(stage_dir, stage, shardings=None):
   spec = checkpoint.load_json(spec_path)
   module = MODULES[stage](spec)
   target = abstract_params(module, spec, init_args(stage, module))
-  if shardings is not None:
-    target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                          target, shardings)
+  if shardings is None:
+    # An explicit placement lets a checkpoint saved on another topology (8 devices, a pod)
+    # load here; without one Orbax insists on the saved device layout.
+    shardings = jax.tree.map(lambda _: jax.sharding.SingleDeviceSharding(jax.devices()[0]),
+                             target)
+  target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                        target, shardings)
   ckpts = checkpoint.StageCheckpoints(stage_dir)
   step = ckpts.latest_step()
   if step is None:
@@ -90,13 +116,23 @@ class Bundle:
   heads_params: Any = None
   class_names: tuple = ()
   heads_results: Optional[dict] = None  # heads/results.json: per-head acceptance
+  mulo_draft: Optional[transformer.Transformer] = None  # MuLo-SD's low-res drafter
+  mulo_draft_params: Any = None
+  mulo_upsampler: Optional[mulo_lib.Upsampler] = None  # ... and its upsampler
+  mulo_upsampler_params: Any = None
+  hawk: Optional[hawk_lib.HawkDrafter] = None  # Hawk's 2D draft model (hawk_draft/)
+  hawk_params: Any = None
+
+  @functools.cached_property
+  def _decode(self):  # compiled once per bundle, reused by every decode_images call
+    return jax.jit(lambda params, t: vq.unit_to_uint8(self.tokenizer.apply(
+        {'params': params}, t, method=self.tokenizer.decode)))
 
   def decode_images(self, tokens, batch_size=256):
     """tokens [N, H, W] -> uint8 images [N, 28, 28, C]."""
-    fn = jax.jit(lambda t: vq.unit_to_uint8(self.tokenizer.apply(
-        {'params': self.tokenizer_params}, t, method=self.tokenizer.decode)))
     tokens = np.asarray(tokens)
-    return np.concatenate([np.asarray(fn(tokens[i:i + batch_size]))
+    return np.concatenate([np.asarray(self._decode(self.tokenizer_params,
+                                                   tokens[i:i + batch_size]))
                            for i in range(0, len(tokens), batch_size)])
 
 
@@ -119,6 +155,15 @@ def load(run_dir=None, need_heads=False):
                             'train them with `python train.py --config=configs/heads.py`.')
   bundle = Bundle(run_dir, tok, tok_params, model, params, heads, heads_params,
                   tuple(spec.get('class_names', ())), heads_results)
+  for stage in ('mulo_draft', 'mulo_upsampler'):  # MuLo-SD's, once they have a checkpoint
+    stage_dir = os.path.join(run_dir, stage)
+    if checkpoint.StageCheckpoints(stage_dir).exists():
+      module, stage_params, _ = load_stage(stage_dir, stage)
+      setattr(bundle, stage, module)
+      setattr(bundle, stage + '_params', stage_params)
+  hawk_dir = os.path.join(run_dir, 'hawk_draft')
+  if os.path.isdir(hawk_dir):
+    bundle.hawk, bundle.hawk_params, _ = load_stage(hawk_dir, 'hawk_draft')
   check_consistent(bundle)
   return bundle
 

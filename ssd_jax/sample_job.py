@@ -27,6 +27,19 @@ class SampleArgs:
   seed: int = 0
   ssd_rounds: int = 1
   draft_len: int = 4
+  sjd_window: int = engine.Options.sjd_window
+  sjd_init: str = engine.Options.sjd_init
+  gsd_rank_window: int = engine.Options.gsd_rank_window
+  gsd_prob_threshold: float = engine.Options.gsd_prob_threshold
+  gsd_dist_threshold: float = engine.Options.gsd_dist_threshold
+  lantern_k: int = engine.Options.lantern_k
+  lantern_delta: float = engine.Options.lantern_delta
+  zipar_window: int = engine.Options.zipar_window
+  hawk_draft_len: int = engine.Options.hawk_draft_len
+  mulo_tau: float = engine.Options.mulo_tau
+  mulo_k: int = engine.Options.mulo_k
+  mulo_radius: int = engine.Options.mulo_radius
+  mulo_lanes: int = engine.Options.mulo_lanes
   checkpoint: Optional[str] = None
   out: Optional[str] = 'samples.png'
   out_dir: Optional[str] = None
@@ -53,9 +66,11 @@ def run(args: SampleArgs):
   sampling = sampling_lib.Sampling(temperature=args.temperature, top_k=args.top_k,
                                    top_p=args.top_p, cfg_scale=args.cfg_scale)
   method = engine.get_method(args.method)  # fail on a bad name before loading anything
+  options = engine.Options(**{f.name: getattr(args, f.name)
+                              for f in dataclasses.fields(engine.Options)
+                              if hasattr(args, f.name)}).validate()
   bundle = pretrained.load(args.checkpoint, need_heads=method.needs_heads)
   mesh = sharding.make_mesh(args.mesh_data, args.mesh_model)
-  options = engine.Options(draft_len=args.draft_len, ssd_rounds=args.ssd_rounds)
   common = dict(num_images=args.num_images, batch_size=args.batch_size, classes=args.classes,
                 seed=args.seed, options=options, mesh=mesh, progress=args.progress)
   result = engine.generate(bundle, args.method, sampling, **common)

@@ -44,3 +44,59 @@ def accept_greedy(p, draft):
 def leading_accepted(accept):
   """Number of accepted positions before the first rejection: [B, K] bool -> [B] int32."""
   return jnp.sum(jnp.cumprod(accept.astype(jnp.int32), axis=-1), axis=-1)
+
+
+# --- lossy rules: accept a draft for the mass of tokens that would look the same ---------
+#
+# Both rules below keep the draft token itself when they accept and fall back to the exact
+# residual normalize(max(0, p - q)) when they reject, as the published code does; only the
+# acceptance probability is relaxed. With temperature 0 call them with uniform = 0: a
+# one-hot p then accepts exactly what the relaxed mass allows (for the exact rule, the
+# argmax match).
+
+
+def accept_grouped(uniform, p, q, draft, codes, rank_window, prob_threshold,
+                   dist_threshold):
+  """GSD grouped acceptance: accept with min(1, p(C) / q(C)) over a dynamic cluster C.
+
+  C holds the draft x and every token v within `rank_window` places of x in the target's
+  ranking (tokens sorted by p) with |p(v) - p(x)| < prob_threshold and squared codebook
+  distance |c_v - c_x|^2 < dist_threshold (codes [V, d]). Thresholds of 0 leave C = {x}:
+  the exact rule, bit for bit. LOSSY otherwise: the kept token is not distributed as p.
+  """
+  vocab = p.shape[-1]
+  order = jnp.argsort(-p, axis=-1, stable=True)                        # [B, K, V]
+  rank = jnp.argmax(order == draft[..., None], axis=-1)                # [B, K]
+  offsets = jnp.arange(-rank_window, rank_window + 1)                  # [R]
+  cand_rank = rank[..., None] + offsets                                # [B, K, R]
+  in_range = (cand_rank >= 0) & (cand_rank < vocab)
+  cand = jnp.take_along_axis(order, jnp.clip(cand_rank, 0, vocab - 1), -1)
+  p_c = jnp.take_along_axis(p, cand, -1)
+  q_c = jnp.take_along_axis(q, cand, -1)
+  dist = jnp.sum((codes[cand] - codes[draft][..., None, :]) ** 2, -1)  # [B, K, R]
+  member = (in_range & (jnp.abs(p_c - _token_prob(p, draft)[..., None]) < prob_threshold)
+            & (dist < dist_threshold)) | (offsets == 0)
+  p_group = jnp.sum(jnp.where(member, p_c, 0.0), -1)
+  q_group = jnp.sum(jnp.where(member, q_c, 0.0), -1)
+  return uniform * q_group < p_group, residual(p, q)
+
+
+def latent_neighbours(codes, k):
+  """codes [V, d] -> [V, k] int32: each code's k nearest other codes, nearest first."""
+  sq = jnp.sum(codes ** 2, -1)
+  dist = sq[:, None] + sq[None, :] - 2.0 * codes @ codes.T
+  dist = jnp.where(jnp.eye(codes.shape[0], dtype=bool), jnp.inf, dist)
+  return jax.lax.top_k(-dist, k)[1].astype(jnp.int32)
+
+
+def accept_relaxed(uniform, p, q, draft, neighbours, delta):
+  """LANTERN relaxed acceptance: accept with min(1, (p(x) + pooled) / q(x)).
+
+  `pooled` is the target mass of x's latent neighbours (neighbours [V, k], nearest first),
+  taken in order while the running total stays <= delta: the longest such prefix, which
+  bounds the total variation the relaxation may add by delta. delta = 0 pools nothing:
+  the exact rule, bit for bit. LOSSY for delta > 0.
+  """
+  mass = jnp.cumsum(jnp.take_along_axis(p, neighbours[draft], -1), -1)  # [B, K, k]
+  pooled = jnp.max(jnp.where(mass <= delta, mass, 0.0), -1)
+  return uniform * _token_prob(q, draft) < _token_prob(p, draft) + pooled, residual(p, q)

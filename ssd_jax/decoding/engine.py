@@ -7,6 +7,7 @@ fold_in(key(seed), i), so its tokens do not depend on the batch size.
 """
 
 import dataclasses
+import functools
 import time
 from typing import Callable, Optional, Sequence
 
@@ -16,12 +17,17 @@ import numpy as np
 from tqdm import tqdm
 
 from ssd_jax import sharding
+from ssd_jax.decoding import acceptance
 from ssd_jax.decoding import ar
 from ssd_jax.decoding import drafts
+from ssd_jax.decoding import hawk
+from ssd_jax.decoding import mulo
 from ssd_jax.decoding import sampling as sampling_lib
+from ssd_jax.decoding import sjd
 from ssd_jax.decoding import speculative
 from ssd_jax.decoding import ssd
 from ssd_jax.decoding import target as target_lib
+from ssd_jax.decoding import zipar
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,6 +36,24 @@ class Options:
   draft_len: int = 4           # speculative / ssd row 0: drafts verified per pass
   ssd_rounds: int = 1          # ssd: verify-and-correct passes per row (r)
   horizontal_first: int = 0    # drafts from horizontal heads before vertical; 0 = auto
+  sjd_window: int = 16         # sjd / gsd: draft window L after the committed prefix
+  sjd_init: str = 'random'     # sjd / gsd: new window positions: random, left or upper copy
+  gsd_rank_window: int = 7     # gsd: cluster candidates within +-this many ranks of p
+  gsd_prob_threshold: float = 0.15  # gsd: ... with |p(v) - p(x)| below this
+  # gsd: ... and squared codebook distance below this. Codes are unit vectors; on the
+  # fmnist tokenizer 0.05 keeps ~12 of 512 codes near each code, whose decoded patches
+  # differ by ~29 dB PSNR (the tokenizer's own reconstruction: 32 dB); the paper's 0.5
+  # (on its model's token embeddings) would admit 30% of our codebook, at ~16 dB.
+  gsd_dist_threshold: float = 0.05
+  lantern_k: int = 32          # lantern: latent neighbours per code (~6% of 512 codes,
+                               # as the paper's 1000 of 16384)
+  lantern_delta: float = 0.1   # lantern: target mass pooled over them, at most (paper's)
+  zipar_window: int = 0        # zipar: row r+1 starts when row r has this many; 0 = W/2
+  mulo_tau: float = 0.3        # mulo: keep a draft if p(it + its neighbours) >= this
+  mulo_k: int = 8              # mulo: codebook neighbours pooled with the draft token
+  mulo_radius: int = 1         # mulo: rejected positions grow by this Chebyshev radius
+  hawk_draft_len: int = 4      # hawk: horizontal chain length K (K + K(K+1)/2 drafts)
+  mulo_lanes: int = 8          # mulo: islands resampled at once; 0 = all there can be
 
   def validate(self):
     if self.draft_len < 1:
@@ -39,6 +63,42 @@ class Options:
     if self.horizontal_first < 0:
       raise ValueError(f'--horizontal_first={self.horizontal_first} must be >= 0 '
                        '(0 = choose from the heads\' measured acceptance).')
+    if self.sjd_window < 1:
+      raise ValueError(f'--sjd_window={self.sjd_window} must be >= 1.')
+    if self.sjd_init not in sjd.INITS:
+      raise ValueError(f'--sjd_init={self.sjd_init!r} must be one of '
+                       f'{", ".join(sjd.INITS)}.')
+    if self.gsd_rank_window < 0:
+      raise ValueError(f'--gsd_rank_window={self.gsd_rank_window} must be >= 0 '
+                       '(0 = no cluster: sjd).')
+    if not 0 <= self.gsd_prob_threshold <= 1:
+      raise ValueError(f'--gsd_prob_threshold={self.gsd_prob_threshold} must be in [0, 1] '
+                       '(0 = no cluster: sjd).')
+    if not 0 <= self.gsd_dist_threshold <= 4:
+      raise ValueError(f'--gsd_dist_threshold={self.gsd_dist_threshold} must be in [0, 4] '
+                       '(a squared distance between unit codes; 0 = no cluster: sjd).')
+    if self.lantern_k < 1:
+      raise ValueError(f'--lantern_k={self.lantern_k} must be >= 1.')
+    if not 0 <= self.lantern_delta <= 1:
+      raise ValueError(f'--lantern_delta={self.lantern_delta} must be in [0, 1] (a '
+                       'probability mass; 0 = exact speculative decoding).')
+    if self.zipar_window < 0:
+      raise ValueError(f'--zipar_window={self.zipar_window} must be >= 0 (0 = half the '
+                       'grid width).')
+    if not 0 <= self.mulo_tau < float('inf'):
+      raise ValueError(f'--mulo_tau={self.mulo_tau} must be >= 0 (a probability mass; 0 = '
+                       'keep the whole draft, above 1 = resample every position).')
+    if self.mulo_k < 0:
+      raise ValueError(f'--mulo_k={self.mulo_k} must be >= 0 (0 = the draft token alone).')
+    if self.mulo_radius < 0:
+      raise ValueError(f'--mulo_radius={self.mulo_radius} must be >= 0 (0 = resample only '
+                       'the rejected positions).')
+    if not 1 <= self.hawk_draft_len <= 8:
+      raise ValueError(f'--hawk_draft_len={self.hawk_draft_len} must be in [1, 8] (the '
+                       'verified tree grows as K + K(K+1)/2).')
+    if self.mulo_lanes < 0:
+      raise ValueError(f'--mulo_lanes={self.mulo_lanes} must be >= 0 (0 = as many islands '
+                       'as the grid can hold).')
     return self
 
 
@@ -52,7 +112,9 @@ class Method:
 
 
 def _params(bundle):
-  return {'backbone': bundle.params, 'heads': bundle.heads_params}
+  return {'backbone': bundle.params, 'heads': bundle.heads_params,
+          'mulo_draft': bundle.mulo_draft_params,
+          'mulo_upsampler': bundle.mulo_upsampler_params, 'hawk': bundle.hawk_params}
 
 
 def horizontal_first_auto(bundle):
@@ -91,12 +153,85 @@ def _build_ssd(bundle, target, options):
       target, drafter, params, labels, keys, options.draft_len, options.ssd_rounds)
 
 
+def codebook(bundle):
+  """The tokenizer's unit-norm codes [V, d], the latent space GSD and LANTERN measure."""
+  return bundle.tokenizer.apply({'params': bundle.tokenizer_params},
+                                method=bundle.tokenizer.codes)
+
+
+def _build_sjd(bundle, target, options, rule=acceptance.accept_exact):
+  del bundle
+  return lambda params, labels, keys: sjd.decode_sjd(
+      target, params['backbone'], labels, keys, options.sjd_window, options.sjd_init, rule)
+
+
+def _build_gsd(bundle, target, options):
+  rule = functools.partial(
+      acceptance.accept_grouped, codes=codebook(bundle),
+      rank_window=options.gsd_rank_window, prob_threshold=options.gsd_prob_threshold,
+      dist_threshold=options.gsd_dist_threshold)
+  return _build_sjd(bundle, target, options, rule)
+
+
+def _build_lantern(bundle, target, options):
+  vocab = bundle.model.vocab_size
+  if options.lantern_k >= vocab:
+    raise ValueError(f'--lantern_k={options.lantern_k} must be < {vocab} (the codebook '
+                     'size: the neighbours are the other codes).')
+  rule = functools.partial(
+      acceptance.accept_relaxed, delta=options.lantern_delta,
+      neighbours=acceptance.latent_neighbours(codebook(bundle), options.lantern_k))
+  drafter = _drafter(bundle, target, options)
+  return lambda params, labels, keys: speculative.decode_speculative(
+      target, drafter, params, labels, keys, options.draft_len, rule=rule)
+
+
+def _zipar_window(bundle, options):
+  width = bundle.model.grid[1]
+  window = options.zipar_window or (width + 1) // 2
+  if window > width:
+    raise ValueError(f'--zipar_window={window} must be <= {width} (the grid width; '
+                     f'{width} = plain AR).')
+  return window
+
+
+def _build_zipar(bundle, target, options):
+  window = _zipar_window(bundle, options)
+  return lambda params, labels, keys: zipar.decode_zipar(
+      target, params['backbone'], labels, keys, window)
+
+
+def _build_hawk(bundle, target, options):
+  if bundle.hawk is None:
+    raise ValueError(f'method \'hawk\' drafts with the Hawk draft model, but '
+                     f'{bundle.run_dir} has no hawk_draft/ stage; train it with '
+                     '`python train.py --config=configs/hawk_draft.py` or pick another '
+                     '--method.')
+  return hawk.HawkDecoder(target, bundle.hawk, options.hawk_draft_len).decode
+
+
 METHODS = {
     'ar': Method('ar', True, False, _build_ar, 'plain raster decoding (baseline)'),
     'speculative': Method('speculative', True, True, _build_speculative,
                           'exact speculative decoding, neighbour-head drafts (lossless)'),
     'ssd': Method('ssd', False, True, _build_ssd,
                   'SSD row schedule: vertical row drafts, r verify rounds (LOSSY)'),
+    'sjd': Method('sjd', True, False, _build_sjd,
+                  'speculative Jacobi decoding: the model drafts its next window (lossless)'),
+    'gsd': Method('gsd', False, False, _build_gsd,
+                  'grouped speculative decoding: sjd accepting clusters of similar tokens '
+                  '(LOSSY)'),
+    'lantern': Method('lantern', False, True, _build_lantern,
+                      'LANTERN relaxed acceptance over latent neighbours, head drafts '
+                      '(LOSSY)'),
+    'zipar': Method('zipar', False, False, _build_zipar,
+                    'ZipAR multi-row front: next row starts after a window (LOSSY)'),
+    'hawk': Method('hawk', True, False, _build_hawk,
+                   'Hawk: 2D local-attention draft model, horizontal + vertical drafts '
+                   'verified as a tree (lossless)'),
+    'mulo': Method('mulo', False, False, mulo.build,
+                   'MuLo-SD: low-res drafter + upsampler, one verify pass, local '
+                   'resampling of rejected islands (LOSSY)'),
 }
 
 

@@ -59,10 +59,12 @@ def prepare_block(target, drafter, params, keys, s, k, limit):
   return block, slots, (q, valid, draft)
 
 
-def finish_block(target, keys, s, probs, hidden, cache, drafted, active):
+def finish_block(target, keys, s, probs, hidden, cache, drafted, active, rule=None):
   """Accepts the verified drafts of `prepare_block`; inactive samples stay unchanged.
 
-  probs [B, k + 1, V], hidden [G, B, k + 1, D]: the pass's outputs at the block.
+  probs [B, k + 1, V], hidden [G, B, k + 1, D]: the pass's outputs at the block. `rule`
+  (see acceptance.py; default: exact, or the argmax match at temperature 0) replaces the
+  acceptance rule; at temperature 0 it is called with uniform = 0.
   """
   q, valid, draft = drafted
   b, n_tok = s.tokens.shape
@@ -70,12 +72,12 @@ def finish_block(target, keys, s, probs, hidden, cache, drafted, active):
   greedy = target.sampling.greedy
   n = s.length
   p = probs[:, :k]                                                   # p of each draft
-  if greedy:
+  if greedy and rule is None:
     ok, resample = acceptance.accept_greedy(p, draft)
   else:
-    u = jax.vmap(lambda key: jax.random.uniform(key, (k,)))(
-        target_lib.sample_keys(keys, s.passes, 2))
-    ok, resample = acceptance.accept_exact(u, p, q, draft)
+    u = jnp.zeros(draft.shape) if greedy else jax.vmap(
+        lambda key: jax.random.uniform(key, (k,)))(target_lib.sample_keys(keys, s.passes, 2))
+    ok, resample = (rule or acceptance.accept_exact)(u, p, q, draft)
   a = acceptance.leading_accepted(ok & valid)                       # [B]
   # One more token at n + a: from the residual where a draft was rejected, from p where
   # there was no draft to accept, from the bonus distribution when all k stood.
@@ -107,8 +109,11 @@ def count_pass(s, active, done):
                    sample_passes=jnp.where(active & done, passes, s.sample_passes))
 
 
-def decode_speculative(target, drafter, params, labels, keys, k):
-  """labels [B], keys [B] -> (tokens [B, N], stats). params: {'backbone', 'heads'}."""
+def decode_speculative(target, drafter, params, labels, keys, k, rule=None):
+  """labels [B], keys [B] -> (tokens [B, N], stats). params: {'backbone', 'heads'}.
+
+  rule: an acceptance rule replacing the exact one (LANTERN's relaxed acceptance).
+  """
   n_tok = target.model.num_tokens
   s = init_state(target, params['backbone'], labels, keys, extra_slots=k + 1)
   limit = jnp.full(labels.shape, n_tok)
@@ -117,7 +122,7 @@ def decode_speculative(target, drafter, params, labels, keys, k):
     active = s.length < n_tok
     block, slots, drafted = prepare_block(target, drafter, params, keys, s, k, limit)
     probs, hidden, cache = target.forward(params['backbone'], block, slots, s.cache)
-    s = finish_block(target, keys, s, probs, hidden, cache, drafted, active)
+    s = finish_block(target, keys, s, probs, hidden, cache, drafted, active, rule)
     return count_pass(s, active, s.length >= n_tok)
 
   s = jax.lax.while_loop(lambda s: jnp.any(s.length < n_tok), body, s)

@@ -57,14 +57,21 @@ class Target:
     logits, hidden, cache = self._apply(params, cond, cache, method=self.model.prefill)
     return self.probs(self._split(logits[:, 0])), self._split(hidden[:, 0]), cache
 
-  def forward(self, params, tokens, slots, cache, block_mask=None, rope_pos=None):
-    """tokens, slots [B, T] -> (probs [B, T, V], hidden [G, B, T, D], cache)."""
+  def forward(self, params, tokens, slots, cache, block_mask=None, rope_pos=None,
+              visible=None):
+    """tokens, slots [B, T] -> (probs [B, T, V], hidden [G, B, T, D], cache).
+
+    block_mask [T, T] / [B, T, T], rope_pos (rows, cols) [B, T] and visible [B, T, S]
+    are passed to Transformer.decode (per-sample ones tiled over the CFG groups).
+    """
     if rope_pos is not None:
       rope_pos = tuple(self._tile(p) for p in rope_pos)
     if block_mask is not None and block_mask.ndim == 3:
       block_mask = self._tile(block_mask)
+    if visible is not None:
+      visible = self._tile(visible)
     logits, hidden, cache = self._apply(
-        params, self._tile(tokens), self._tile(slots), cache, block_mask, rope_pos,
+        params, self._tile(tokens), self._tile(slots), cache, block_mask, rope_pos, visible,
         method=self.model.decode)
     return self.probs(self._split(logits)), self._split(hidden), cache
 

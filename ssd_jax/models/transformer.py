@@ -176,12 +176,15 @@ class Transformer(nn.Module):
     return self.logits_from_hidden(hidden), hidden
 
   # --- decoding with the cache ----------------------------------------------------------
-  def step(self, x, slots, cache, block_mask=None, rope_pos=None):
+  def step(self, x, slots, cache, block_mask=None, rope_pos=None, visible=None):
     """x [B, T, D] written at slots [B, T] -> (logits [B, T, V], hidden [B, T, D], cache).
 
-    Leaves cache.length alone: the caller commits what it accepted.
+    `visible` [B, T, S] replaces the default mask (committed prefix + block_mask) for
+    schedules whose committed tokens are not a prefix (ZipAR's rows). Leaves cache.length
+    alone: the caller commits what it accepted.
     """
-    mask = cache_mask(slots, cache.length, cache.max_len, block_mask)
+    mask = visible if visible is not None else cache_mask(slots, cache.length, cache.max_len,
+                                                          block_mask)
     h, cache = self._body(x, slots, mask, cache, rope_pos)
     return self.logits_from_hidden(h), h, cache
 
@@ -192,8 +195,8 @@ class Transformer(nn.Module):
     logits, h, cache = self.step(cond, slots, cache)
     return logits[:, -1:], h[:, -1:], cache
 
-  def decode(self, tokens, slots, cache, block_mask=None, rope_pos=None):
-    return self.step(self.embed_tokens(tokens), slots, cache, block_mask, rope_pos)
+  def decode(self, tokens, slots, cache, block_mask=None, rope_pos=None, visible=None):
+    return self.step(self.embed_tokens(tokens), slots, cache, block_mask, rope_pos, visible)
 
   def init_cache(self, batch, extra_slots=0, dtype=jnp.float32):
     """An empty cache for prefix + all tokens (+ room for blocks running past the end)."""

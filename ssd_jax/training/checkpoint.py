@@ -96,7 +96,9 @@ class StageCheckpoints:
     try:
       meta = self.manager.item_metadata(step)[item]
     except Exception as e:  # pylint: disable=broad-except
-      raise CheckpointError(f'{where} cannot be read ({type(e).__name__}: {e}); it is '
+      # item_metadata reads every item of the step, so the broken one need not be `item`.
+      raise CheckpointError(f'checkpoint {self.directory}/{step} cannot be read '
+                            f'({type(e).__name__}: {e}); it is '
                             'corrupt or incomplete: delete that step folder to fall back '
                             'to an earlier one, or use a fresh --workdir.') from e
     if meta is None:

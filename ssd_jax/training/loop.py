@@ -6,6 +6,7 @@ non-finite guard. The batch at step s and the PRNG key at step s depend only on
 (seed, s), so a resumed run takes the same path as an uninterrupted one.
 """
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -43,7 +44,7 @@ class Stage:
   loss_fn: Callable
   # (params, frozen, stage_dir, mesh) -> dict of final metrics; writes its own files.
   evaluate: Callable
-  # Parameters of earlier stages, used but not trained (already placed on the mesh).
+  # Parameters of earlier stages, used but not trained (the loop replicates them).
   frozen: Any = None
   # params -> initial extra state.
   init_extra: Callable = lambda params: {}
@@ -115,6 +116,16 @@ def init_state_fn(stage, tx):
   return init
 
 
+@contextlib.contextmanager
+def _committing(ckpts):
+  """Waits for the save in flight also when a step raises (non-finite loss, Ctrl-C): else
+  the last good checkpoint stays a temporary folder, which a rerun ignores."""
+  try:
+    yield
+  finally:
+    ckpts.wait()
+
+
 def _check_finite(metrics, step, last_saved):
   for name, value in metrics.items():
     if not math.isfinite(value):
@@ -143,6 +154,9 @@ def train(config, workdir, stage):
     if stage.spec is not None:
       checkpoint.save_json(os.path.join(stage_dir, 'model.json'), stage.spec)
     start = int(state.step)
+    # Earlier stages load onto one device (pretrained.load_stage); jit on this mesh needs
+    # them on its devices.
+    frozen = jax.device_put(stage.frozen, sharding.replicated(mesh))
 
     step_fn = jax.jit(build_train_step(stage, tx),
                       in_shardings=(state_shardings, None, None, None),
@@ -156,10 +170,10 @@ def train(config, workdir, stage):
                                  config.batch_size, config.seed, start_step=start)
       metrics_path = os.path.join(stage_dir, 'metrics.jsonl')
       t0, steps_done, pending = time.time(), 0, []
-      with _StopRequested() as stop:
+      with _StopRequested() as stop, _committing(ckpts):
         for step in range(start, config.num_steps):
           batch = sharding.global_batch(next(batches), mesh)
-          state, metrics = step_fn(state, stage.frozen, batch,
+          state, metrics = step_fn(state, frozen, batch,
                                    jax.random.fold_in(base_key, step))
           pending.append(metrics)
           steps_done += 1
@@ -186,9 +200,8 @@ def train(config, workdir, stage):
             log(f'[{stage.name}] stopped by SIGTERM at step {done}; rerun the same '
                 'command to resume.')
             raise SystemExit(143)
-      ckpts.wait()
     log(f'[{stage.name}] evaluating ...')
-    results = stage.evaluate(state.params, stage.frozen, stage_dir, mesh)
+    results = stage.evaluate(state.params, frozen, stage_dir, mesh)
     results['step'] = int(state.step)
     checkpoint.save_json(os.path.join(stage_dir, 'results.json'), results)
     log(f'[{stage.name}] results: ' + json.dumps(results, default=str))

@@ -9,6 +9,10 @@ STAGES = {
     'tokenizer': 'ssd_jax.training.tokenizer_stage',
     'ar': 'ssd_jax.training.ar_stage',
     'heads': 'ssd_jax.training.heads_stage',
+    'classifier': 'ssd_jax.training.classifier_stage',
+    'hawk_draft': 'ssd_jax.training.hawk_stage',
+    'mulo_draft': 'ssd_jax.training.mulo_stages',
+    'mulo_upsampler': 'ssd_jax.training.mulo_stages',
 }
 
 

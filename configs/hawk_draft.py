@@ -1,0 +1,51 @@
+"""Stage `hawk_draft`: Hawk's 2D draft model distilled against the frozen AR backbone.
+
+  python train.py --config=configs/hawk_draft.py --workdir=runs/fmnist  # after tokenizer, ar
+  python train.py --config=configs/hawk_draft.py:smoke --workdir=/tmp/smoke
+
+Writes <workdir>/hawk_draft/ with results.json: for the chain's first horizontal step, its
+last step (fed its own states) and the vertical row drafts, top-1 agreement with the
+backbone's argmax and the mean acceptance sum(min(p, q)) on held-out grids; then
+`python sample.py --method=hawk --checkpoint=<workdir>` samples with it.
+
+TIMING_PLACEHOLDER
+"""
+
+import ml_collections
+
+from configs import common
+
+
+def get_config(arg=None):
+  config = common.base('hawk_draft')
+  config.tokenizer_dir = ''  # Trained tokenizer stage; '' = <workdir>/tokenizer.
+  config.ar_dir = ''  # Trained AR stage (the frozen target); '' = <workdir>/ar.
+  config.batch_size = 64  # Grids per step (one teacher-forced backbone pass over them).
+  config.num_steps = 600  # Optimizer steps.
+  config.learning_rate = 2e-3  # Peak AdamW learning rate.
+  config.warmup_steps = 50  # Linear warm-up steps.
+  config.log_every = 25  # Console + metrics.jsonl line every this many steps.
+  config.checkpoint_every = 100  # Checkpoint every this many steps (and at the end).
+  config.eval_examples = 2000  # Held-out grids in the final evaluation.
+
+  config.hawk = ml_collections.ConfigDict()
+  config.hawk.width = 128  # Drafter width (the backbone's is 192).
+  config.hawk.num_heads = 4  # Attention heads (width / num_heads a multiple of 4: 2D RoPE).
+  config.hawk.mlp_dim = 256  # SwiGLU width per layer.
+  config.hawk.num_layers = 2  # Window-attention layers.
+  config.hawk.window_rows = 2  # Rows above each drafted position that it attends to.
+  config.hawk.window_cols = 2  # Columns either side (and to the left in its own row).
+  config.hawk.rope_base = 100.0  # Axial 2D RoPE base (grids are small).
+  config.hawk.ce_weight = 0.5  # Weight of the cross-entropy towards the backbone's p.
+  config.hawk.null_fraction = 0.25  # Share of null-class grids (CFG drafts need them).
+  config.hawk.chain_depth = 4  # Chain steps trained on own states (sample.py --hawk_draft_len).
+
+  if arg == 'smoke':
+    common.smoke(config)
+    config.hawk.width = 32
+    config.hawk.num_heads = 2
+    config.hawk.mlp_dim = 32
+    config.hawk.num_layers = 1
+  elif arg:
+    raise ValueError(f'unknown config variant {arg!r}; use configs/hawk_draft.py[:smoke]')
+  return config

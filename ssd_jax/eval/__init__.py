@@ -1,0 +1,1 @@
+"""Fidelity measures for generated images: FID, class accuracy, target NLL (bench.py)."""

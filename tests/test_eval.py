@@ -1,0 +1,167 @@
+"""Fidelity measures (FID, class accuracy) and the benchmark harness end to end."""
+
+import json
+import os
+import types
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import scipy.linalg
+
+from ssd_jax import bench_job
+from ssd_jax.eval import features as features_lib
+from ssd_jax.eval import fid as fid_lib
+from ssd_jax.eval import metrics
+
+
+def test_fid_of_a_set_with_itself_is_zero():
+  x = np.random.default_rng(0).normal(size=(500, 8))
+  assert abs(fid_lib.fid(x, x)) < 1e-6
+
+
+def test_fid_of_clearly_different_sets_is_large():
+  rng = np.random.default_rng(1)
+  a = rng.normal(size=(500, 8))
+  b = rng.normal(loc=3.0, scale=2.0, size=(500, 8))
+  same = fid_lib.fid(a, rng.normal(size=(500, 8)))
+  assert fid_lib.fid(a, b) > 50 * max(same, 1e-3)
+  assert fid_lib.fid(a, b) > 70  # 8 * 3^2 for the means alone
+
+
+def test_fid_matches_direct_computation():
+  rng = np.random.default_rng(2)
+  a = rng.normal(size=(300, 6)) @ rng.normal(size=(6, 6))
+  b = rng.normal(size=(200, 6)) @ rng.normal(size=(6, 6)) + 0.5
+  mu_a, mu_b = a.mean(0), b.mean(0)
+  cov_a, cov_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+  # tr((A B)^1/2) = tr((A^1/2 B A^1/2)^1/2): a symmetric route, independent of fid.py's.
+  root_a = scipy.linalg.sqrtm(cov_a).real
+  direct = (np.sum((mu_a - mu_b) ** 2) + np.trace(cov_a) + np.trace(cov_b)
+            - 2 * np.trace(scipy.linalg.sqrtm(root_a @ cov_b @ root_a).real))
+  np.testing.assert_allclose(fid_lib.fid(a, b), direct, rtol=1e-6)
+
+
+def test_fid_of_one_dimensional_gaussians_has_closed_form():
+  a, b = np.array([[0.0], [2.0]]), np.array([[5.0], [9.0]])  # std sqrt(2) and sqrt(8)
+  np.testing.assert_allclose(fid_lib.fid(a, b), (1 - 7) ** 2 + (2 ** 0.5 - 8 ** 0.5) ** 2)
+
+
+def test_class_accuracy_on_a_toy_case():
+  assert metrics.class_accuracy([0, 1, 2, 2], [0, 1, 1, 2]) == 0.75
+  with pytest.raises(ValueError):
+    metrics.class_accuracy([0, 1], [0, 1, 2])
+
+
+def test_token_nll_of_a_uniform_model_is_log2_vocab():
+  vocab = 16
+  model = types.SimpleNamespace(apply=lambda variables, tokens, labels: (
+      jnp.zeros(tokens.shape + (vocab,)), None))
+  tokens = np.random.default_rng(3).integers(0, vocab, (11, 3, 5))
+  nll = metrics.token_nll_bits_fn(model, params=None, batch_size=4)
+  assert nll(tokens, np.zeros(11)) == pytest.approx(4.0)
+
+
+def test_settings_are_parsed_and_bad_ones_refused():
+  args = bench_job.BenchArgs(methods=['ar', 'speculative', 'ssd'], ssd_rounds=[0, 2],
+                             options=['draft_len=3'], settings=['ssd:ssd_rounds=1,draft_len=2'])
+  settings = bench_job.parse_settings(args)
+  assert [s.label for s in settings] == ['ar', 'ar (seed 1)', 'speculative',
+                                         'ssd ssd_rounds=0', 'ssd ssd_rounds=2',
+                                         'ssd ssd_rounds=1 draft_len=2']
+  assert settings[2].options.draft_len == 3 and settings[5].options.draft_len == 2
+  for bad in (dict(methods=['nope']), dict(options=['no_such_knob=1']),
+              dict(options=['draft_len=two']), dict(settings=['nope:draft_len=1']),
+              dict(methods=['ar'], ssd_rounds=[1]), dict(options=['ssd_rounds=-1'])):
+    with pytest.raises(ValueError):
+      bench_job.parse_settings(bench_job.BenchArgs(**bad))
+
+
+def test_plugged_in_extractor_from_a_file(tmp_path):
+  path = tmp_path / 'my_features.py'
+  path.write_text('import numpy as np\n'
+                  'def make(scale=\'1\'):\n'
+                  '  return lambda x: np.asarray(x, float).reshape(len(x), -1)[:, :4] * '
+                  'float(scale)\n')
+  fn = features_lib.load_extractor(f'{path}:make', '2')
+  feats = features_lib.extract(fn, np.ones((3, 28, 28, 1), np.uint8))
+  np.testing.assert_array_equal(feats, 2 * np.ones((3, 4)))
+  with pytest.raises(ValueError):
+    features_lib.load_extractor(f'{path}:missing')
+
+
+def test_a_classifier_for_other_images_is_refused():
+  bundle = types.SimpleNamespace(run_dir='run', model=types.SimpleNamespace(
+      grid=(14, 14), num_classes=10), tokenizer=types.SimpleNamespace(
+          factor=2, image_channels=1))
+  judge = lambda **kw: types.SimpleNamespace(stage_dir='clf', module=types.SimpleNamespace(
+      **dict(dict(image_size=28, image_channels=1, num_classes=10), **kw)))
+  metrics.check_fits(bundle, judge())
+  for kw in (dict(image_size=32), dict(image_channels=3), dict(num_classes=5)):
+    with pytest.raises(ValueError):
+      metrics.check_fits(bundle, judge(**kw))
+
+
+def _write_idx(path, array):
+  header = bytes([0, 0, 8, array.ndim]) + b''.join(
+      int(d).to_bytes(4, 'big') for d in array.shape)
+  with open(path, 'wb') as f:
+    f.write(header + array.astype(np.uint8).tobytes())
+
+
+@pytest.fixture(scope='module')
+def smoke_run(tmp_path_factory):
+  """A run folder with every smoke stage, trained on tiny generated IDX files."""
+  from configs import ar, classifier, heads, tokenizer  # pylint: disable=g-import-not-at-top
+  from ssd_jax.training import stages  # pylint: disable=g-import-not-at-top
+  root = tmp_path_factory.mktemp('bench')
+  idx_dir, data_dir, workdir = (str(root / n) for n in ('idx', 'tfds', 'run'))
+  os.makedirs(idx_dir)
+  rng = np.random.default_rng(0)
+  for prefix, n in (('train', 64), ('t10k', 40)):
+    labels = np.arange(n) % 10
+    # Brightness by class, so the tiny classifier has something to learn.
+    images = rng.integers(0, 60, (n, 28, 28)) + labels[:, None, None] * 19
+    _write_idx(os.path.join(idx_dir, f'{prefix}-images-idx3-ubyte'), images)
+    _write_idx(os.path.join(idx_dir, f'{prefix}-labels-idx1-ubyte'), labels)
+  for module in (tokenizer, ar, heads, classifier):
+    config = module.get_config('smoke')
+    config.data.idx_dir, config.data.data_dir = idx_dir, data_dir
+    stages.run(config, workdir)
+  return types.SimpleNamespace(workdir=workdir, idx_dir=idx_dir, data_dir=data_dir)
+
+
+def test_bench_end_to_end_writes_table_json_and_plot(smoke_run, tmp_path):
+  out_dir = str(tmp_path / 'out')
+  args = bench_job.BenchArgs(
+      methods=['ar', 'speculative', 'ssd'], ssd_rounds=[0], num_images=16, batch_size=8,
+      checkpoint=smoke_run.workdir, data_dir=smoke_run.data_dir, idx_dir=smoke_run.idx_dir,
+      out_dir=out_dir, progress=False, command='python bench.py --smoke')
+  summary = bench_job.run(args)
+  for name in ('results.md', 'results.json', 'speedup_vs_fid.png', 'samples.png'):
+    assert os.path.getsize(os.path.join(out_dir, name)) > 0, name
+  with open(os.path.join(out_dir, 'results.json')) as f:
+    saved = json.load(f)
+  labels = [r['label'] for r in saved['rows']]
+  assert labels == ['ar', 'ar (seed 1)', 'speculative', 'ssd ssd_rounds=0']
+  rows = {r['label']: r for r in saved['rows']}
+  assert rows['ar']['speedup_passes'] == 1.0 and rows['ar']['fid_ar'] is None
+  assert rows['ar (seed 1)']['fid_ar'] == pytest.approx(summary['noise_fid'])
+  for row in saved['rows']:
+    assert 0.0 <= row['class_accuracy'] <= 1.0
+    assert np.isfinite(row['fid_real']) and row['nll_bits'] > 0
+  # Fewer target passes per image than AR is the whole point of the speculative methods.
+  assert rows['ssd ssd_rounds=0']['target_passes'] < rows['ar']['target_passes']
+  table = open(os.path.join(out_dir, 'results.md')).read()
+  assert 'python bench.py --smoke' in table and '| ssd ssd_rounds=0 |' in table
+  assert 'noise level' in table
+
+
+def test_bench_refuses_a_checkpoint_without_classifier_or_data(smoke_run, tmp_path):
+  common = dict(methods=['ar'], num_images=8, batch_size=8, checkpoint=smoke_run.workdir,
+                data_dir=smoke_run.data_dir, idx_dir=smoke_run.idx_dir,
+                out_dir=str(tmp_path), progress=False)
+  with pytest.raises(FileNotFoundError, match='no classifier stage'):
+    bench_job.run(bench_job.BenchArgs(classifier=str(tmp_path / 'none'), **common))
+  with pytest.raises(ValueError, match='unknown method'):
+    bench_job.run(bench_job.BenchArgs(**dict(common, methods=['ar', 'warp'])))

@@ -1,0 +1,370 @@
+"""Hawk (issue 9): the 2D draft model, the `hawk_draft` stage and the lossless `hawk` method.
+
+Properties, on tiny random models: the drafter's decoding path (gathered windows) computes
+what training computes (dense window masks) and sees nothing outside its window; the tree
+mask lets every node see exactly its ancestors, and the accepted path's keys/values land
+at their canonical slots; greedy hawk is greedy AR token for token; sampled hawk has the
+target's exact distribution (enumerated over every grid of a 2x3, 4-token model), and a
+broken multi-draft rule fails the same check; the stage lowers its loss and resumes.
+"""
+
+import dataclasses
+import os
+import signal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import hawk_draft as hawk_config
+from ssd_jax import pretrained
+from ssd_jax import sharding
+from ssd_jax.data import pipeline
+from ssd_jax.decoding import acceptance
+from ssd_jax.decoding import engine
+from ssd_jax.decoding import hawk
+from ssd_jax.decoding import sampling as sampling_lib
+from ssd_jax.decoding import target as target_lib
+from ssd_jax.models import hawk as hawk_model
+from ssd_jax.models import transformer
+from ssd_jax.training import checkpoint
+from ssd_jax.training import hawk_stage
+from ssd_jax.training import loop
+from ssd_jax.training import stages
+from test_data import write_fashion_idx  # pylint: disable=g-bad-import-order
+from test_decoding_distribution import ALL_SEQUENCES, PLACE, tv_bound  # pylint: disable=g-bad-import-order
+from test_training import no_partitionable_threefry, read_metrics, smoke_config  # pylint: disable=g-bad-import-order
+
+Sampling = sampling_lib.Sampling
+
+LABELS = np.array([0, 1, 2, 1, 0, 2, 2, 1], np.int32)  # batch 8, mixed classes
+DRAFT_LEN = 3  # a tree of 3 + 6 drafts
+
+
+def tiny_bundle(grid, vocab, dim, seed=0, sharpen=8.0, embed_scale=25.0, out_scale=0.0):
+  """A random 2-layer target and Hawk drafter as a Bundle the engine accepts.
+
+  `sharpen` peaks the target's logits (no argmax near-ties between a one-token pass and a
+  tree pass), large token embeddings make them depend on the context, and `out_scale`
+  shrinks the drafter's correction: at 0 it drafts the source's own state (left or above),
+  which this repetitive random model accepts often, with both kinds of draft.
+  """
+  model = transformer.Transformer(vocab_size=vocab, num_classes=3, grid=grid, num_layers=2,
+                                  dim=dim, num_heads=2, mlp_dim=2 * dim)
+  drafter = hawk_model.HawkDrafter(dim=dim, grid=grid, width=16, num_heads=2, mlp_dim=32,
+                                   num_layers=1, window_rows=1, window_cols=1)
+
+  @jax.jit  # one compile instead of dozens of eager ones
+  def init(key):
+    k_model, k_hawk = jax.random.split(key)
+    n = grid[0] * grid[1]
+    params = sharding.strip_boxes(model.init(k_model, jnp.zeros((1, n), jnp.int32),
+                                             jnp.zeros((1,), jnp.int32)))['params']
+    params['lm_head']['kernel'] *= sharpen
+    params['token_embed']['embedding'] *= embed_scale
+    hawk_params = sharding.strip_boxes(drafter.init(
+        k_hawk, *pretrained.init_args('hawk_draft', drafter)))['params']
+    hawk_params['out']['kernel'] *= out_scale
+    return params, hawk_params
+
+  params, hawk_params = init(jax.random.key(seed))
+  return pretrained.Bundle('tiny-random', None, None, model, params, hawk=drafter,
+                           hawk_params=hawk_params)
+
+
+def one_device_mesh():
+  return sharding.make_mesh(1, 1, devices=jax.devices()[:1])
+
+
+def run(bundle, method, sampling, labels, keys, **options):
+  fn, params, _, _ = engine.build_decoder(bundle, method, sampling,
+                                          engine.Options(**options), one_device_mesh())
+  tokens, stats = fn(params, jnp.asarray(labels), keys)
+  return np.asarray(tokens), jax.tree.map(np.asarray, stats)
+
+
+# --- the draft model ---------------------------------------------------------------------
+
+def test_drafter_decoding_path_equals_training_path_and_stays_in_its_window():
+  grid, dim, b = (3, 4), 16, 2
+  drafter = hawk_model.HawkDrafter(dim=dim, grid=grid, width=16, num_heads=2, mlp_dim=32)
+  n = grid[0] * grid[1]
+  keys = jax.random.split(jax.random.key(0), 4)
+  params = sharding.strip_boxes(drafter.init(keys[0], jnp.zeros((1, n, dim)),
+                                             jnp.zeros((1, n, dim))))['params']
+  hidden, emb = (jax.random.normal(k, (b, n, dim)) for k in keys[1:3])
+  apply = jax.jit(lambda *a, method=None: drafter.apply({'params': params}, *a, method=method),
+                  static_argnums=(5,), static_argnames='method')
+  hor, ver = apply(hidden, emb)
+  pos = jnp.broadcast_to(jnp.arange(n), (b, n))
+  take = lambda x, idx: jnp.take_along_axis(
+      x, idx.reshape(b, -1)[..., None], 1).reshape(idx.shape + (dim,))
+  for vertical, want, first in ((False, hor, 1), (True, ver, grid[1])):
+    src = pos - (grid[1] if vertical else 1)
+    idx, valid = hawk_model.window_positions(pos, grid, drafter.offsets, vertical)
+    got = apply(take(hidden, src), take(emb, src), take(hidden, idx), take(emb, idx), pos,
+                vertical, method=drafter.draft)
+    np.testing.assert_allclose(got[:, first:], want[:, first:], atol=1e-5)
+    # Local: changing every position outside j's window (and source) leaves j's draft alone.
+    j = 2 * grid[1] + 2
+    outside = np.ones(n, bool)
+    outside[np.asarray(idx[0, j])[np.asarray(valid[0, j])]] = False
+    outside[int(src[0, j])] = False
+    noisy = jnp.where(outside[None, :, None], hidden + 3.0, hidden)
+    again = apply(noisy, emb, method=drafter.vertical if vertical else drafter.horizontal)
+    np.testing.assert_allclose(again[:, j], want[:, j], atol=1e-5)
+    assert not np.allclose(again, want)
+
+
+# --- the tree ----------------------------------------------------------------------------
+
+def test_tree_layout_and_ancestor_mask():
+  parent, depth, vertical, h_child, v_child = hawk.tree(2)
+  # root; spine H0 -> H1; tail V0 -> V1 from the root; tail V1 from H0.
+  np.testing.assert_array_equal(parent, [-1, 0, 1, 0, 3, 1])
+  np.testing.assert_array_equal(depth, [0, 1, 2, 1, 2, 2])
+  np.testing.assert_array_equal(vertical, [0, 0, 0, 1, 1, 1])
+  np.testing.assert_array_equal(h_child, [1, 2, -1, -1, -1, -1])
+  np.testing.assert_array_equal(v_child, [3, 5, -1, 4, -1, -1])
+  assert len(hawk.tree(4)[0]) == 1 + 4 + 4 * 5 // 2
+  want = np.array([[1, 0, 0, 0, 0, 0],
+                   [1, 1, 0, 0, 0, 0],
+                   [1, 1, 1, 0, 0, 0],
+                   [1, 0, 0, 1, 0, 0],
+                   [1, 0, 0, 1, 1, 0],
+                   [1, 1, 0, 0, 0, 1]], bool)
+  np.testing.assert_array_equal(hawk.ancestor_mask(parent), want)
+  # In the cache: committed slots [0, length) plus exactly the ancestors' slots.
+  length, start = 5, 7
+  slots = jnp.asarray(start + np.arange(6))[None]
+  mask = np.asarray(transformer.cache_mask(slots, jnp.array([length]), 16, jnp.asarray(want)))
+  for t in range(6):
+    np.testing.assert_array_equal(np.flatnonzero(mask[0, t]), list(range(length)) + list(
+        start + np.flatnonzero(want[t])))
+
+
+def test_tree_pass_equals_each_path_and_compaction_puts_the_path_in_place():
+  """A hand-built tree with a branch at every level, against each root-to-leaf path run
+  as a plain causal block; then the accepted path's keys/values are compacted."""
+  bundle = tiny_bundle((3, 4), 16, 16)
+  model, params = bundle.model, bundle.params
+  parent = np.array([-1, 0, 0, 1, 1, 2, 5])  # leaves 3, 4, 6
+  depth = np.array([0, 1, 1, 2, 2, 2, 3])
+  rng = np.random.default_rng(0)
+  b, n = 2, 4  # n committed tokens; the root is token n - 1
+  tokens = jnp.asarray(rng.integers(0, 16, (b, 7)))
+  prefix = model.prefix_len
+  apply = jax.jit(lambda *a: model.apply({'params': params}, *a, method=model.decode))
+  cond = model.apply({'params': params}, jnp.array([0, 2]), method=model.condition)
+  _, _, cache = model.apply({'params': params}, cond, model.init_cache(b, 8),
+                            method=model.prefill)
+  history = jnp.asarray(rng.integers(0, 16, (b, n - 1)))
+  _, _, cache = apply(history, prefix + jnp.broadcast_to(jnp.arange(n - 1), (b, n - 1)),
+                      cache.commit(jnp.full((b,), prefix)))
+  cache = cache.commit(jnp.full((b,), prefix + n - 1))
+  pos = n - 1 + depth
+  tree_logits, _, tree_cache = apply(
+      tokens, jnp.broadcast_to(prefix + n - 1 + jnp.arange(7), (b, 7)), cache,
+      jnp.asarray(hawk.ancestor_mask(parent)), (jnp.asarray(pos // 4)[None].repeat(b, 0),
+                                                 jnp.asarray(pos % 4)[None].repeat(b, 0)))
+  for leaf in (3, 4, 6):
+    path = [leaf]
+    while parent[path[-1]] >= 0:
+      path.append(parent[path[-1]])
+    path = path[::-1]
+    t = len(path)
+    logits, _, path_cache = apply(tokens[:, path], jnp.broadcast_to(
+        prefix + n - 1 + jnp.arange(t), (b, t)), cache)
+    np.testing.assert_allclose(tree_logits[:, path], logits, atol=1e-4)
+  # Accept the path root -> 2 -> 5 -> 6 (its nodes sit at tree slots 2, 5, 6).
+  target = target_lib.Target(model, Sampling())
+  decoder = hawk.HawkDecoder(target, bundle.hawk, 3)
+  path = jnp.array([[0, 2, 5, 6]] * b)
+  compact = decoder._compact(tree_cache, jnp.full((b,), n), path, jnp.full((b,), 3))
+  canonical = prefix + n - 1 + np.arange(4)
+  for got, want in ((compact.k, path_cache.k), (compact.v, path_cache.v)):
+    np.testing.assert_allclose(got[:, :, canonical], want[:, :, canonical], atol=1e-5)
+
+
+# --- greedy hawk == greedy AR --------------------------------------------------------------
+
+@pytest.fixture(scope='module')
+def tiny():
+  return tiny_bundle((4, 5), 16, 32)
+
+
+@pytest.mark.parametrize('cfg_scale', [1.0, 3.0])
+def test_greedy_hawk_equals_ar(tiny, cfg_scale):
+  sampling = Sampling(temperature=0.0, cfg_scale=cfg_scale)
+  keys = engine.image_keys(0, 0, len(LABELS))
+  want, _ = run(tiny, 'ar', sampling, LABELS, keys)
+  got, stats = run(tiny, 'hawk', sampling, LABELS, keys, hawk_draft_len=DRAFT_LEN)
+  diff = np.argwhere(got != want)
+  assert not len(diff), f'{len(diff)} tokens differ from AR, first at (image, i) {diff[0]}'
+  accepted, vertical = stats['accepted_drafts'].sum(), stats['accepted_vertical'].sum()
+  total = len(LABELS) * (tiny.model.num_tokens - 1)
+  print(f'cfg {cfg_scale}: accepted {accepted} of {total} tokens ({vertical} vertical), '
+        f'passes {stats["sample_passes"].tolist()}')
+  # Informative only if drafts of both kinds stood (a vertical one is always moved to its
+  # canonical slot, which later tokens then read) and others fell.
+  assert 0 < vertical < accepted < total
+  assert stats['target_passes'] == stats['sample_passes'].max() < tiny.model.num_tokens
+
+
+def test_bad_knobs_are_refused(tiny):
+  for value in (0, 9):
+    with pytest.raises(ValueError, match=f'--hawk_draft_len={value}'):
+      engine.Options(hawk_draft_len=value).validate()
+  no_drafter = pretrained.Bundle('run-without-hawk', None, None, tiny.model, tiny.params)
+  with pytest.raises(ValueError, match='hawk_draft'):
+    engine.build_decoder(no_drafter, 'hawk', Sampling(), engine.Options(), one_device_mesh())
+
+
+# --- sampled hawk has the target's distribution --------------------------------------------
+
+DIST_GRID, DIST_VOCAB, DIST_LABEL, N_SAMPLES = (2, 3), 4, 1, 32768
+SETTINGS = {
+    'temperature_1': Sampling(temperature=1.0),
+    'cfg_top_k_top_p': Sampling(temperature=1.0, top_k=3, top_p=0.95, cfg_scale=3.0),
+}
+
+
+@pytest.fixture(scope='module')
+def small():
+  """12x sharpened logits put the mass on a few hundred of the 4096 grids (measurable with
+  32k samples); a half-strength drafter correction keeps acceptance and rejection common."""
+  return tiny_bundle(DIST_GRID, DIST_VOCAB, 16, sharpen=12.0, embed_scale=1.0, out_scale=0.5)
+
+
+def exact_distribution(bundle, sampling):
+  """Probabilities [4096] of ALL_SEQUENCES by teacher forcing through Target.probs."""
+  model, seqs = bundle.model, jnp.asarray(ALL_SEQUENCES, jnp.int32)
+  target = target_lib.Target(model, sampling)
+  groups = [DIST_LABEL, model.null_class][:target.groups]  # [cond; uncond] as decoding runs
+  logits = jnp.stack([model.apply({'params': bundle.params}, seqs,
+                                  jnp.full((len(seqs),), g))[0] for g in groups])
+  per_token = jnp.take_along_axis(target.probs(logits), seqs[..., None], -1)[..., 0]
+  p = np.prod(np.asarray(per_token, np.float64), -1)
+  np.testing.assert_allclose(p.sum(), 1.0, atol=1e-4)
+  return p / p.sum()
+
+
+def sampled_tv(bundle, name):
+  tokens, stats = run(bundle, 'hawk', SETTINGS[name], np.full(N_SAMPLES, DIST_LABEL),
+                      engine.image_keys(0, 0, N_SAMPLES), hawk_draft_len=DRAFT_LEN)
+  freq = np.bincount(tokens @ PLACE, minlength=len(ALL_SEQUENCES)) / N_SAMPLES
+  p = exact_distribution(bundle, SETTINGS[name])
+  return 0.5 * np.abs(freq - p).sum(), tv_bound(p, N_SAMPLES), stats
+
+
+@pytest.mark.parametrize('name', SETTINGS)
+def test_sampled_hawk_has_the_exact_distribution(small, name):
+  tv, bound, stats = sampled_tv(small, name)
+  drafted = N_SAMPLES * (DIST_GRID[0] * DIST_GRID[1] - 1)
+  accepted = stats['accepted_drafts'].sum() / drafted
+  vertical = stats['accepted_vertical'].sum() / drafted
+  print(f'{name}: TV {tv:.4f} (bound {bound:.4f}); accepted drafts {accepted:.2f} of tokens '
+        f'({vertical:.2f} vertical), {stats["sample_passes"].mean():.2f} passes per sample')
+  # Vertical drafts exist on row 1 only and are tried after a horizontal rejection.
+  assert 0.2 < accepted < 0.8 and vertical > 0.02
+  assert tv <= bound
+
+
+def test_vertical_draft_against_p_instead_of_the_residual_exceeds_the_bound(small, monkeypatch):
+  def broken(uniform, p, drafts, qs, present):
+    """Each candidate tested against p itself: the classic multi-draft mistake."""
+    choice, r = jnp.full(drafts.shape[:1], -1), p
+    for c in range(drafts.shape[1]):
+      test = present[:, c] & (choice < 0)
+      one, r_c = exact_rule(uniform[:, c:c + 1], p, drafts[:, c:c + 1], qs[:, c:c + 1],
+                            test[:, None])
+      choice = jnp.where(one >= 0, c, choice)
+      r = jnp.where((test & (one < 0))[:, None], r_c, r)
+    return choice, r
+
+  exact_rule = hawk.accept_multi
+  monkeypatch.setattr(hawk, 'accept_multi', broken)
+  tv, bound, _ = sampled_tv(small, 'temperature_1')
+  print(f'broken rule: TV {tv:.4f} (bound {bound:.4f})')
+  assert tv > bound
+
+
+def test_accept_multi_single_candidate_is_the_exact_rule():
+  rng = np.random.default_rng(0)
+  p, q = (jnp.asarray(rng.dirichlet(np.ones(6), 64), jnp.float32) for _ in range(2))
+  x, u = jnp.asarray(rng.integers(0, 6, 64)), jnp.asarray(rng.random(64), jnp.float32)
+  choice, r = hawk.accept_multi(u[:, None], p, x[:, None], q[:, None],
+                                jnp.ones((64, 1), bool))
+  ok, resid = acceptance.accept_exact(u[:, None], p[:, None], q[:, None], x[:, None])
+  np.testing.assert_array_equal(choice >= 0, ok[:, 0])
+  np.testing.assert_allclose(np.where((choice < 0)[:, None], r, 0),
+                             np.where((choice < 0)[:, None], resid[:, 0], 0), atol=1e-6)
+
+
+# --- the hawk_draft stage ------------------------------------------------------------------
+
+@pytest.fixture(scope='module')
+def runs(tmp_path_factory):
+  root = tmp_path_factory.mktemp('hawk_runs')
+  write_fashion_idx(root / 'idx')
+  workdir = str(root / 'work')
+  with no_partitionable_threefry():
+    stages.run(smoke_config(root, 'tokenizer'), workdir)
+  stages.run(smoke_config(root, 'ar'), workdir)
+  config = hawk_smoke_config(root)
+  stages.run(config, workdir)
+  return dict(root=root, workdir=workdir, config=config)
+
+
+def hawk_smoke_config(root, **overrides):
+  config = hawk_config.get_config('smoke')
+  config.data.idx_dir = str(root / 'idx')
+  config.data.data_dir = str(root / 'tfds')
+  config.num_steps, config.log_every, config.checkpoint_every = 8, 1, 4
+  config.learning_rate = 1e-2
+  for key, value in overrides.items():
+    config[key] = value
+  return config
+
+
+def test_hawk_stage_lowers_its_loss_and_loads(runs):
+  stage_dir = os.path.join(runs['workdir'], 'hawk_draft')
+  metrics = read_metrics(stage_dir)
+  losses = [m['loss'] for m in metrics]
+  assert np.mean(losses[-2:]) < np.mean(losses[:2]), losses
+  results = checkpoint.load_json(os.path.join(stage_dir, 'results.json'))
+  for mode in ('horizontal', 'horizontal_chain', 'vertical'):
+    assert 0 <= results[mode]['top1_agreement'] <= 1 and 0 < results[mode]['acceptance'] <= 1
+  bundle = pretrained.load(runs['workdir'])  # what sample.py --method=hawk loads
+  assert bundle.hawk.grid == bundle.model.grid and bundle.hawk.dim == bundle.model.dim
+  assert jax.tree.structure(bundle.hawk_params) == jax.tree.structure(
+      sharding.strip_boxes(bundle.hawk.init(jax.random.key(0), *pretrained.init_args(
+          'hawk_draft', bundle.hawk)))['params'])
+
+
+def test_hawk_stage_resumes_to_the_same_parameters(runs, tmp_path, monkeypatch):
+  """SIGTERM after step 2 of 8, rerun: the parameters of the uninterrupted run."""
+  workdir = runs['workdir']
+  config = hawk_smoke_config(runs['root'], tokenizer_dir=os.path.join(workdir, 'tokenizer'),
+                             ar_dir=os.path.join(workdir, 'ar'), checkpoint_every=2)
+  stage = dataclasses.replace(hawk_stage.make_stage(config, str(tmp_path)),
+                              evaluate=lambda *args: {})
+  next_batch = pipeline.Batches.__next__
+
+  def next_then_stop(self):
+    batch = next_batch(self)
+    if self.step == 2:
+      os.kill(os.getpid(), signal.SIGTERM)
+    return batch
+
+  monkeypatch.setattr(pipeline.Batches, '__next__', next_then_stop)
+  with pytest.raises(SystemExit):
+    loop.train(config, str(tmp_path), stage)
+  monkeypatch.setattr(pipeline.Batches, '__next__', next_batch)
+  assert checkpoint.StageCheckpoints(tmp_path / 'hawk_draft').latest_step() == 2
+  loop.train(config, str(tmp_path), stage)
+  resumed = pretrained.load_stage(str(tmp_path / 'hawk_draft'), 'hawk_draft')[1]
+  straight = pretrained.load_stage(os.path.join(workdir, 'hawk_draft'), 'hawk_draft')[1]
+  for a, b in zip(jax.tree.leaves(resumed), jax.tree.leaves(straight)):
+    np.testing.assert_array_equal(a, b)
