@@ -15,6 +15,7 @@ import sys
 
 from absl import app
 from absl import flags
+import jax
 
 from ssd_jax import bench_job
 from ssd_jax import runtime
@@ -81,8 +82,9 @@ def main(argv):
     summary = bench_job.run(args)
   except (ValueError, FileNotFoundError) as e:
     raise app.UsageError(str(e)) from None
-  print(f"noise level (AR vs AR, another seed): FID {summary['noise_fid']:.3f}; wrote "
-        f'{args.out_dir}/results.md, results.json, speedup_vs_fid.png, samples.png')
+  if jax.process_index() == 0:  # with several processes, one reports
+    print(f"noise level (AR vs AR, another seed): FID {summary['noise_fid']:.3f}; wrote "
+          f'{args.out_dir}/results.md, results.json, speedup_vs_fid.png, samples.png')
 
 
 if __name__ == '__main__':

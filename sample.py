@@ -6,6 +6,7 @@
 
 from absl import app
 from absl import flags
+import jax
 
 from ssd_jax import runtime
 from ssd_jax import sample_job
@@ -87,7 +88,8 @@ def main(argv):
     report = sample_job.run(args)
   except (ValueError, FileNotFoundError) as e:
     raise app.UsageError(str(e)) from None
-  print(sample_job.summary_line(report))
+  if jax.process_index() == 0:  # with several processes, one reports
+    print(sample_job.summary_line(report))
 
 
 if __name__ == '__main__':

@@ -172,7 +172,8 @@ def run(args: BenchArgs):
   token_nll = metrics.token_nll_bits_fn(bundle.model, bundle.params)
 
   rows, feats, grids = [], {}, []
-  for s in tqdm(settings, desc='settings', unit='setting', disable=not args.progress):
+  log = jax.process_index() == 0  # every process runs every setting; one reports
+  for s in tqdm(settings, desc='settings', unit='setting', disable=not args.progress or not log):
     result = engine.generate(bundle, s.method, sampling, args.num_images, args.batch_size,
                              args.classes, s.seed, s.options, mesh, args.progress)
     images = decode(result.tokens)
@@ -185,7 +186,8 @@ def run(args: BenchArgs):
     row['class_accuracy'] = metrics.class_accuracy(judge.predict(images), result.labels)
     row['nll_bits'] = token_nll(result.tokens, result.labels)
     rows.append(row)
-    tqdm.write(report.row_line(row))
+    if log:
+      tqdm.write(report.row_line(row))
 
   base = rows[0]
   noise = fid_lib.fid(feats[rows[1]['label']], feats[base['label']])
@@ -200,5 +202,6 @@ def run(args: BenchArgs):
       classifier=judge_dir, features=args.features, num_real_images=len(real),
       sampling=dataclasses.asdict(sampling), noise_fid=noise, machine=report.machine(),
       classifier_test_accuracy=report.stage_result(judge_dir, 'test_accuracy'), rows=rows)
-  report.write_all(args.out_dir, summary, np.concatenate(grids), ncols=len(grids[0]))
+  if log:
+    report.write_all(args.out_dir, summary, np.concatenate(grids), ncols=len(grids[0]))
   return summary

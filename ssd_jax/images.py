@@ -2,6 +2,7 @@
 
 import os
 
+import jax
 import numpy as np
 from PIL import Image
 
@@ -19,7 +20,10 @@ def grid(images, ncols, pad=2, pad_value=255):
 
 
 def save_png(path, image, scale=1):
-  """Writes one [H, W, C] uint8 image; C is 1 (grey) or 3 (RGB)."""
+  """Writes one [H, W, C] uint8 image; C is 1 (grey) or 3 (RGB). Only process 0 writes:
+  with several processes every one computes the same images."""
+  if jax.process_index() != 0:
+    return
   image = np.asarray(image)
   if scale > 1:
     image = image.repeat(scale, axis=0).repeat(scale, axis=1)

@@ -78,8 +78,24 @@ def init_args(stage, module):
   return (jnp.zeros((1, module.dim)), jnp.zeros((1, module.dim)))
 
 
-def load_stage(stage_dir, stage, shardings=None):
-  """(module, params, spec) of the newest checkpoint in `stage_dir`."""
+def boxed_abstract_params(stage, module):
+  """Abstract parameters still in their LogicallyPartitioned boxes (the logical axis names)."""
+  return jax.eval_shape(
+      lambda: module.init(jax.random.key(0), *init_args(stage, module))['params'])
+
+
+def param_shardings(stage, module, mesh, rules=None):
+  """NamedShardings of a stage's parameters on `mesh` by the logical axis rules."""
+  return sharding.logical_shardings(boxed_abstract_params(stage, module), mesh,
+                                    sharding.DEFAULT_RULES if rules is None else rules)
+
+
+def load_stage(stage_dir, stage, shardings=None, mesh=None, rules=None):
+  """(module, params, spec) of the newest checkpoint in `stage_dir`.
+
+  Parameters land on `shardings` (a tree), else on `mesh` by the logical `rules`, else on
+  the first device; the checkpoint may have been saved on any mesh.
+  """
   spec_path = os.path.join(stage_dir, 'model.json')
   if not os.path.exists(spec_path):
     raise FileNotFoundError(
@@ -89,11 +105,14 @@ def load_stage(stage_dir, stage, shardings=None):
   spec = checkpoint.load_json(spec_path)
   module = MODULES[stage](spec)
   target = abstract_params(module, spec, init_args(stage, module))
+  if shardings is None and mesh is not None:
+    shardings = param_shardings(stage, module, mesh, rules)
   if shardings is None:
     # An explicit placement lets a checkpoint saved on another topology (8 devices, a pod)
     # load here; without one Orbax insists on the saved device layout.
-    shardings = jax.tree.map(lambda _: jax.sharding.SingleDeviceSharding(jax.devices()[0]),
-                             target)
+    # (This process's own first device: jax.devices()[0] belongs to process 0.)
+    shardings = jax.tree.map(
+        lambda _: jax.sharding.SingleDeviceSharding(jax.local_devices()[0]), target)
   target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                         target, shardings)
   ckpts = checkpoint.StageCheckpoints(stage_dir)

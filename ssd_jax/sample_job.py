@@ -5,6 +5,7 @@ import json
 import os
 from typing import Optional, Sequence
 
+import jax
 import numpy as np
 
 from ssd_jax import images as image_io
@@ -88,6 +89,8 @@ def run(args: SampleArgs):
 
 
 def _write_outputs(args, bundle, result, report):
+  if jax.process_index() != 0:  # every process holds the same result
+    return
   images = None
   if args.out or args.out_dir:
     images = bundle.decode_images(result.tokens)

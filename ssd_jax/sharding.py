@@ -6,6 +6,7 @@ goes through this file, so a single-device run and a pod run execute the same co
 """
 
 import jax
+from jax.experimental import multihost_utils
 import flax.linen as nn
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
@@ -83,12 +84,78 @@ def check_divisible(batch_size, mesh, what='batch_size'):
                      f'the mesh; use a multiple of {data}.')
 
 
+def _mesh_axes(entry):  # one PartitionSpec entry -> tuple of mesh axis names
+  return () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+
+
+def axis_devices(mesh, rules, logical):
+  """How many devices the rules split the logical axis `logical` over on `mesh`."""
+  axes = _mesh_axes(nn.logical_to_mesh_axes((logical,), rules)[0])
+  return int(np.prod([mesh.shape[a] for a in axes]))
+
+
+def _path_str(path):
+  return '/'.join(str(getattr(k, 'key', getattr(k, 'idx', k))) for k in path)
+
+
+def check_params_divisible(abstract_boxed, mesh, rules, prefix='', fix=''):
+  """Raises a ValueError naming the first parameter dimension the mesh cannot split evenly.
+
+  jit would refuse such a layout only when compiling, with the mesh spec but not the
+  logical axis; `fix` says which flag or config field to change.
+  """
+  def check(path, leaf):
+    if not isinstance(leaf, nn.LogicallyPartitioned):
+      return
+    spec = nn.logical_to_mesh_axes(leaf.names, rules)
+    for size, logical, entry in zip(leaf.value.shape, leaf.names, spec):
+      axes = _mesh_axes(entry)
+      devices = int(np.prod([mesh.shape[a] for a in axes]))
+      if size % devices:
+        raise ValueError(
+            f'parameter {prefix + _path_str(path)!r} has {size} along its {logical!r} '
+            f'axis, which the mesh splits over {"x".join(axes)!r} ({devices} devices); '
+            f'{size} is not divisible by {devices}. {fix}'.rstrip())
+  jax.tree_util.tree_map_with_path(check, abstract_boxed,
+                                   is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
+
+
 def global_batch(local, mesh):
   """Assembles a global array sharded on 'data' from this process's numpy batch."""
   def put(x):
     x = np.asarray(x)
     return jax.make_array_from_process_local_data(batch_sharding(mesh, x.ndim), x)
   return jax.tree.map(put, local)
+
+
+def put(tree, shardings):
+  """Places host-local values (the same on every process) by `shardings` (a tree or one).
+
+  With several processes device_put reads an array already on a device as a cross-host
+  transfer, which CPU and GPU backends refuse; from host memory it just copies.
+  """
+  if jax.process_count() > 1:
+    tree = jax.tree.map(np.asarray, tree)
+  return jax.device_put(tree, shardings)
+
+
+def put_batch(x, mesh):
+  """A host value (the same on every process) -> one global array split over 'data'.
+
+  jit refuses host data for an input split over several processes, and device_put refuses
+  PRNG key arrays there, so keys travel as their raw data.
+  """
+  if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+    data = put_batch(jax.random.key_data(x), mesh)
+    return jax.random.wrap_key_data(data, impl=jax.random.key_impl(x))
+  return put(x, batch_sharding(mesh, np.ndim(x)))
+
+
+def to_host(x):
+  """A global array as numpy on every process (gathered from the others where needed)."""
+  if getattr(x, 'is_fully_addressable', True):
+    return np.asarray(x)
+  return multihost_utils.process_allgather(x, tiled=True)
 
 
 def strip_boxes(tree):

@@ -18,6 +18,7 @@ from typing import Any, Callable, Optional
 import flax
 import flax.linen as nn
 import jax
+from jax.experimental import multihost_utils
 import jax.numpy as jnp
 import optax
 
@@ -147,6 +148,10 @@ def train(config, workdir, stage):
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     init = init_state_fn(stage, tx)
     abstract_boxed = jax.eval_shape(init, jax.random.key(0))
+    sharding.check_params_divisible(
+        abstract_boxed.params, mesh, rules,
+        fix='Choose --config.mesh.model dividing it, or map that axis to None in '
+            '--config.mesh.rules.')
     state_shardings = sharding.logical_shardings(abstract_boxed, mesh, rules)
     abstract = sharding.strip_boxes(abstract_boxed)
     state = _restore_or_init(config, ckpts, init, abstract, state_shardings)
@@ -156,7 +161,7 @@ def train(config, workdir, stage):
     start = int(state.step)
     # Earlier stages load onto one device (pretrained.load_stage); jit on this mesh needs
     # them on its devices.
-    frozen = jax.device_put(stage.frozen, sharding.replicated(mesh))
+    frozen = sharding.put(stage.frozen, sharding.replicated(mesh))
 
     step_fn = jax.jit(build_train_step(stage, tx),
                       in_shardings=(state_shardings, None, None, None),
@@ -201,11 +206,24 @@ def train(config, workdir, stage):
                 'command to resume.')
             raise SystemExit(143)
     log(f'[{stage.name}] evaluating ...')
-    results = stage.evaluate(state.params, frozen, stage_dir, mesh)
+    results = _evaluate(stage, state.params, frozen, stage_dir, mesh)
     results['step'] = int(state.step)
     checkpoint.save_json(os.path.join(stage_dir, 'results.json'), results)
     log(f'[{stage.name}] results: ' + json.dumps(results, default=str))
     return state, results
+
+
+def _evaluate(stage, params, frozen, stage_dir, mesh):
+  """stage.evaluate. Evaluations jit over closed-over parameters and read results with
+  np.asarray, which arrays spanning other processes do not allow: with several processes
+  each one evaluates alone, on a full local copy and its own first device (only process 0
+  writes what they find)."""
+  if jax.process_count() == 1:
+    return stage.evaluate(params, frozen, stage_dir, mesh)
+  params = multihost_utils.process_allgather(params, tiled=True)
+  local = sharding.make_mesh(1, 1, devices=jax.local_devices()[:1])
+  with jax.set_mesh(local):
+    return stage.evaluate(params, stage.frozen, stage_dir, local)
 
 
 def _train_item(state):
