@@ -8,7 +8,6 @@ target's exact distribution (enumerated over every grid of a 2x3, 4-token model)
 broken multi-draft rule fails the same check; the stage lowers its loss and resumes.
 """
 
-import dataclasses
 import os
 import signal
 
@@ -29,12 +28,10 @@ from ssd_jax.decoding import target as target_lib
 from ssd_jax.models import hawk as hawk_model
 from ssd_jax.models import transformer
 from ssd_jax.training import checkpoint
-from ssd_jax.training import hawk_stage
-from ssd_jax.training import loop
 from ssd_jax.training import stages
 from test_data import write_fashion_idx  # pylint: disable=g-bad-import-order
-from test_decoding_distribution import ALL_SEQUENCES, PLACE, tv_bound  # pylint: disable=g-bad-import-order
-from test_training import no_partitionable_threefry, read_metrics, smoke_config  # pylint: disable=g-bad-import-order
+import test_decoding_distribution as distribution_test  # pylint: disable=g-bad-import-order
+import test_training as training_test  # pylint: disable=g-bad-import-order
 
 Sampling = sampling_lib.Sampling
 
@@ -84,16 +81,20 @@ def run(bundle, method, sampling, labels, keys, **options):
   return np.asarray(tokens), jax.tree.map(np.asarray, stats)
 
 
+@pytest.fixture(scope='module')
+def tiny():
+  return tiny_bundle((4, 5), 16, 32)
+
+
 # --- the draft model ---------------------------------------------------------------------
 
-def test_drafter_decoding_path_equals_training_path_and_stays_in_its_window():
-  grid, dim, b = (3, 4), 16, 2
-  drafter = hawk_model.HawkDrafter(dim=dim, grid=grid, width=16, num_heads=2, mlp_dim=32)
-  n = grid[0] * grid[1]
-  keys = jax.random.split(jax.random.key(0), 4)
-  params = sharding.strip_boxes(drafter.init(keys[0], jnp.zeros((1, n, dim)),
-                                             jnp.zeros((1, n, dim))))['params']
-  hidden, emb = (jax.random.normal(k, (b, n, dim)) for k in keys[1:3])
+def test_drafter_decoding_path_equals_training_path_and_stays_in_its_window(tiny):
+  drafter, grid, b = tiny.hawk, tiny.model.grid, 2
+  n, dim = grid[0] * grid[1], drafter.dim
+  keys = jax.random.split(jax.random.key(0), 3)
+  # A full-strength correction: the draft must depend on the window through attention.
+  params = dict(tiny.hawk_params, out={'kernel': jax.random.normal(keys[0], (16, dim))})
+  hidden, emb = (jax.random.normal(k, (b, n, dim)) for k in keys[1:])
   apply = jax.jit(lambda *a, method=None: drafter.apply({'params': params}, *a, method=method),
                   static_argnums=(5,), static_argnames='method')
   hor, ver = apply(hidden, emb)
@@ -144,11 +145,11 @@ def test_tree_layout_and_ancestor_mask():
         start + np.flatnonzero(want[t])))
 
 
-def test_tree_pass_equals_each_path_and_compaction_puts_the_path_in_place():
+def test_tree_pass_equals_each_path_and_compaction_puts_the_path_in_place(tiny):
   """A hand-built tree with a branch at every level, against each root-to-leaf path run
   as a plain causal block; then the accepted path's keys/values are compacted."""
-  bundle = tiny_bundle((3, 4), 16, 16)
-  model, params = bundle.model, bundle.params
+  model, params = tiny.model, tiny.params
+  width = model.grid[1]
   parent = np.array([-1, 0, 0, 1, 1, 2, 5])  # leaves 3, 4, 6
   depth = np.array([0, 1, 1, 2, 2, 2, 3])
   rng = np.random.default_rng(0)
@@ -166,8 +167,8 @@ def test_tree_pass_equals_each_path_and_compaction_puts_the_path_in_place():
   pos = n - 1 + depth
   tree_logits, _, tree_cache = apply(
       tokens, jnp.broadcast_to(prefix + n - 1 + jnp.arange(7), (b, 7)), cache,
-      jnp.asarray(hawk.ancestor_mask(parent)), (jnp.asarray(pos // 4)[None].repeat(b, 0),
-                                                 jnp.asarray(pos % 4)[None].repeat(b, 0)))
+      jnp.asarray(hawk.ancestor_mask(parent)),
+      (jnp.asarray(pos // width)[None].repeat(b, 0), jnp.asarray(pos % width)[None].repeat(b, 0)))
   for leaf in (3, 4, 6):
     path = [leaf]
     while parent[path[-1]] >= 0:
@@ -179,7 +180,7 @@ def test_tree_pass_equals_each_path_and_compaction_puts_the_path_in_place():
     np.testing.assert_allclose(tree_logits[:, path], logits, atol=1e-4)
   # Accept the path root -> 2 -> 5 -> 6 (its nodes sit at tree slots 2, 5, 6).
   target = target_lib.Target(model, Sampling())
-  decoder = hawk.HawkDecoder(target, bundle.hawk, 3)
+  decoder = hawk.HawkDecoder(target, tiny.hawk, 3)
   path = jnp.array([[0, 2, 5, 6]] * b)
   compact = decoder._compact(tree_cache, jnp.full((b,), n), path, jnp.full((b,), 3))
   canonical = prefix + n - 1 + np.arange(4)
@@ -188,11 +189,6 @@ def test_tree_pass_equals_each_path_and_compaction_puts_the_path_in_place():
 
 
 # --- greedy hawk == greedy AR --------------------------------------------------------------
-
-@pytest.fixture(scope='module')
-def tiny():
-  return tiny_bundle((4, 5), 16, 32)
-
 
 @pytest.mark.parametrize('cfg_scale', [1.0, 3.0])
 def test_greedy_hawk_equals_ar(tiny, cfg_scale):
@@ -238,8 +234,8 @@ def small():
 
 
 def exact_distribution(bundle, sampling):
-  """Probabilities [4096] of ALL_SEQUENCES by teacher forcing through Target.probs."""
-  model, seqs = bundle.model, jnp.asarray(ALL_SEQUENCES, jnp.int32)
+  """Probabilities [4096] of every 2x3 grid, by teacher forcing through Target.probs."""
+  model, seqs = bundle.model, jnp.asarray(distribution_test.ALL_SEQUENCES, jnp.int32)
   target = target_lib.Target(model, sampling)
   groups = [DIST_LABEL, model.null_class][:target.groups]  # [cond; uncond] as decoding runs
   logits = jnp.stack([model.apply({'params': bundle.params}, seqs,
@@ -253,9 +249,10 @@ def exact_distribution(bundle, sampling):
 def sampled_tv(bundle, name):
   tokens, stats = run(bundle, 'hawk', SETTINGS[name], np.full(N_SAMPLES, DIST_LABEL),
                       engine.image_keys(0, 0, N_SAMPLES), hawk_draft_len=DRAFT_LEN)
-  freq = np.bincount(tokens @ PLACE, minlength=len(ALL_SEQUENCES)) / N_SAMPLES
+  cells = len(distribution_test.ALL_SEQUENCES)
+  freq = np.bincount(tokens @ distribution_test.PLACE, minlength=cells) / N_SAMPLES
   p = exact_distribution(bundle, SETTINGS[name])
-  return 0.5 * np.abs(freq - p).sum(), tv_bound(p, N_SAMPLES), stats
+  return 0.5 * np.abs(freq - p).sum(), distribution_test.tv_bound(p, N_SAMPLES), stats
 
 
 @pytest.mark.parametrize('name', SETTINGS)
@@ -304,36 +301,52 @@ def test_accept_multi_single_candidate_is_the_exact_rule():
 
 # --- the hawk_draft stage ------------------------------------------------------------------
 
+def stop_after(monkeypatch, stop_at):
+  """SIGTERM once the batch of step stop_at - 1 is out: the loop stops after that step."""
+  next_batch = pipeline.Batches.__next__
+
+  def next_then_stop(self):
+    batch = next_batch(self)
+    if self.step == stop_at:
+      os.kill(os.getpid(), signal.SIGTERM)
+    return batch
+  monkeypatch.setattr(pipeline.Batches, '__next__', next_then_stop)
+
+
 @pytest.fixture(scope='module')
 def runs(tmp_path_factory):
+  """Smoke tokenizer and ar runs, then hawk_draft: stopped after step 4 of 8, rerun."""
   root = tmp_path_factory.mktemp('hawk_runs')
   write_fashion_idx(root / 'idx')
   workdir = str(root / 'work')
-  with no_partitionable_threefry():
-    stages.run(smoke_config(root, 'tokenizer'), workdir)
-  stages.run(smoke_config(root, 'ar'), workdir)
-  config = hawk_smoke_config(root)
-  stages.run(config, workdir)
-  return dict(root=root, workdir=workdir, config=config)
-
-
-def hawk_smoke_config(root, **overrides):
+  with training_test.no_partitionable_threefry():
+    stages.run(training_test.smoke_config(root, 'tokenizer'), workdir)
+  stages.run(training_test.smoke_config(root, 'ar'), workdir)
   config = hawk_config.get_config('smoke')
   config.data.idx_dir = str(root / 'idx')
   config.data.data_dir = str(root / 'tfds')
   config.num_steps, config.log_every, config.checkpoint_every = 8, 1, 4
   config.learning_rate = 1e-2
-  for key, value in overrides.items():
-    config[key] = value
-  return config
+  with pytest.MonkeyPatch.context() as monkeypatch:
+    stop_after(monkeypatch, 4)
+    with pytest.raises(SystemExit) as stopped:
+      stages.run(config, workdir)
+  assert stopped.value.code == 143
+  stopped_at = checkpoint.StageCheckpoints(os.path.join(workdir, 'hawk_draft')).latest_step()
+  stages.run(config, workdir)
+  return dict(workdir=workdir, config=config, stopped_at=stopped_at)
 
 
-def test_hawk_stage_lowers_its_loss_and_loads(runs):
+def test_hawk_stage_lowers_its_loss_resumes_and_loads(runs):
   stage_dir = os.path.join(runs['workdir'], 'hawk_draft')
-  metrics = read_metrics(stage_dir)
+  assert runs['stopped_at'] == 4
+  metrics = training_test.read_metrics(stage_dir)
+  # One line per step across the stop: the rerun took up at step 5.
+  assert [m['step'] for m in metrics] == list(range(1, 9))
   losses = [m['loss'] for m in metrics]
   assert np.mean(losses[-2:]) < np.mean(losses[:2]), losses
   results = checkpoint.load_json(os.path.join(stage_dir, 'results.json'))
+  assert results['step'] == 8
   for mode in ('horizontal', 'horizontal_chain', 'vertical'):
     assert 0 <= results[mode]['top1_agreement'] <= 1 and 0 < results[mode]['acceptance'] <= 1
   bundle = pretrained.load(runs['workdir'])  # what sample.py --method=hawk loads
@@ -341,30 +354,3 @@ def test_hawk_stage_lowers_its_loss_and_loads(runs):
   assert jax.tree.structure(bundle.hawk_params) == jax.tree.structure(
       sharding.strip_boxes(bundle.hawk.init(jax.random.key(0), *pretrained.init_args(
           'hawk_draft', bundle.hawk)))['params'])
-
-
-def test_hawk_stage_resumes_to_the_same_parameters(runs, tmp_path, monkeypatch):
-  """SIGTERM after step 2 of 8, rerun: the parameters of the uninterrupted run."""
-  workdir = runs['workdir']
-  config = hawk_smoke_config(runs['root'], tokenizer_dir=os.path.join(workdir, 'tokenizer'),
-                             ar_dir=os.path.join(workdir, 'ar'), checkpoint_every=2)
-  stage = dataclasses.replace(hawk_stage.make_stage(config, str(tmp_path)),
-                              evaluate=lambda *args: {})
-  next_batch = pipeline.Batches.__next__
-
-  def next_then_stop(self):
-    batch = next_batch(self)
-    if self.step == 2:
-      os.kill(os.getpid(), signal.SIGTERM)
-    return batch
-
-  monkeypatch.setattr(pipeline.Batches, '__next__', next_then_stop)
-  with pytest.raises(SystemExit):
-    loop.train(config, str(tmp_path), stage)
-  monkeypatch.setattr(pipeline.Batches, '__next__', next_batch)
-  assert checkpoint.StageCheckpoints(tmp_path / 'hawk_draft').latest_step() == 2
-  loop.train(config, str(tmp_path), stage)
-  resumed = pretrained.load_stage(str(tmp_path / 'hawk_draft'), 'hawk_draft')[1]
-  straight = pretrained.load_stage(os.path.join(workdir, 'hawk_draft'), 'hawk_draft')[1]
-  for a, b in zip(jax.tree.leaves(resumed), jax.tree.leaves(straight)):
-    np.testing.assert_array_equal(a, b)

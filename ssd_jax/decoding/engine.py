@@ -11,11 +11,13 @@ import functools
 import time
 from typing import Callable, Optional, Sequence
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
+from ssd_jax import pretrained
 from ssd_jax import sharding
 from ssd_jax.decoding import acceptance
 from ssd_jax.decoding import ar
@@ -115,6 +117,45 @@ def _params(bundle):
   return {'backbone': bundle.params, 'heads': bundle.heads_params,
           'mulo_draft': bundle.mulo_draft_params,
           'mulo_upsampler': bundle.mulo_upsampler_params, 'hawk': bundle.hawk_params}
+
+
+# The module behind each entry of _params (Bundle attribute, stage that builds it): its
+# parameters are split by the logical axis rules. An entry not listed here is replicated.
+PARAM_MODULES = {'backbone': ('model', 'ar'), 'heads': ('heads', 'heads'),
+                 'mulo_draft': ('mulo_draft', 'mulo_draft'),
+                 'mulo_upsampler': ('mulo_upsampler', 'mulo_upsampler'),
+                 'hawk': ('hawk', 'hawk_draft')}
+
+
+def param_shardings(bundle, params, mesh, rules):
+  """Shardings of a method's params dict on `mesh`, checked to divide every dimension."""
+  # The qkv kernel's 'heads' axis is heads * head_dim * 3 wide, so the check of parameter
+  # shapes below would let a split through heads.
+  heads = bundle.model.num_heads
+  devices = sharding.axis_devices(mesh, rules, 'heads')
+  if heads % devices:
+    divisors = [str(d) for d in range(1, heads + 1) if heads % d == 0]
+    choices = ' or '.join([', '.join(divisors[:-1]), divisors[-1]] if len(divisors) > 1
+                          else divisors)
+    raise ValueError(
+        f'the model has {heads} attention heads, which the mesh splits over {devices} '
+        f'devices: not divisible. Choose --mesh_model (--config.mesh.model) {choices}, or '
+        "map 'heads' to None in the logical axis rules.")
+  out = {}
+  for key, tree in params.items():
+    attr, stage = PARAM_MODULES.get(key, (None, None))
+    module = getattr(bundle, attr) if attr else None
+    shardings = None
+    if module is not None and tree is not None:
+      boxed = pretrained.boxed_abstract_params(stage, module)
+      if jax.tree.structure(sharding.strip_boxes(boxed)) == jax.tree.structure(tree):
+        sharding.check_params_divisible(
+            boxed, mesh, rules, prefix=f'{key}/',
+            fix='Choose --mesh_model (--config.mesh.model) dividing it, or map that axis to '
+                'None in the logical axis rules.')
+        shardings = sharding.logical_shardings(boxed, mesh, rules)
+    out[key] = shardings or jax.tree.map(lambda _: sharding.replicated(mesh), tree)
+  return out
 
 
 def horizontal_first_auto(bundle):
@@ -263,8 +304,12 @@ def image_keys(seed, start, count):
   return jax.vmap(lambda i: jax.random.fold_in(base, i))(jnp.arange(start, start + count))
 
 
-def build_decoder(bundle, method, sampling, options=Options(), mesh=None):
-  """(jitted fn(params, labels, keys), params, method spec), placed on `mesh`."""
+def build_decoder(bundle, method, sampling, options=Options(), mesh=None, rules=None):
+  """(jitted fn(params, labels, keys), params, method spec, mesh), placed on `mesh`.
+
+  Labels and keys are split over 'data'; parameters by the logical axis `rules` (default
+  sharding.DEFAULT_RULES: heads, MLP and vocabulary over 'model').
+  """
   spec = get_method(method)
   sampling.validate(bundle.model.vocab_size)
   options.validate()
@@ -274,28 +319,46 @@ def build_decoder(bundle, method, sampling, options=Options(), mesh=None):
   target = target_lib.Target(bundle.model, sampling)
   fn = spec.build(bundle, target, options)
   mesh = mesh or sharding.make_mesh(-1, 1)
+  rules = sharding.DEFAULT_RULES if rules is None else tuple(rules)
   batch = sharding.batch_sharding(mesh)
-  params = jax.device_put(_params(bundle), sharding.replicated(mesh))
-  jitted = jax.jit(fn, in_shardings=(sharding.replicated(mesh), batch, batch))
+  params = _params(bundle)
+  shardings = param_shardings(bundle, params, mesh, rules)
+  params = sharding.put(params, shardings)
+
+  def on_mesh(params, labels, keys):
+    # Model code constrains activations by logical names (act_batch, ...), which resolve
+    # only under the rules and a mesh; jax.set_mesh cannot be entered under jit, the
+    # abstract mesh can.
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh), nn.logical_axis_rules(rules):
+      return fn(params, labels, keys)
+
+  jitted = jax.jit(on_mesh, in_shardings=(shardings, batch, batch),
+                   out_shardings=(sharding.batch_sharding(mesh, 2), None))
   return jitted, params, spec, mesh
 
 
 def generate(bundle, method, sampling, num_images, batch_size, classes=None, seed=0,
-             options=Options(), mesh=None, progress=True):
-  """Samples `num_images` token grids with `method`; returns a Result with timings."""
+             options=Options(), mesh=None, progress=True, rules=None):
+  """Samples `num_images` token grids with `method`; returns a Result with timings.
+
+  With several processes every process calls this with the same arguments and gets all
+  the tokens.
+  """
   if num_images < 1:
     raise ValueError(f'--num_images={num_images} must be >= 1.')
   if batch_size < 1:
     raise ValueError(f'--batch_size={batch_size} must be >= 1.')
   labels = class_labels(num_images, bundle.model.num_classes, classes)
-  fn, params, spec, mesh = build_decoder(bundle, method, sampling, options, mesh)
-  sharding.check_divisible(batch_size, mesh)
+  mesh = mesh or sharding.make_mesh(-1, 1)
+  sharding.check_divisible(batch_size, mesh)  # before parameters move to the mesh
+  fn, params, spec, mesh = build_decoder(bundle, method, sampling, options, mesh, rules)
   batch_size = min(batch_size, num_images + (-num_images) % mesh.shape['data'])
 
   def batch_inputs(start):
     lab = labels[start:start + batch_size]
     lab = np.pad(lab, (0, batch_size - len(lab)))  # padding rows are dropped afterwards
-    return jnp.asarray(lab), image_keys(seed, start, batch_size)
+    return (sharding.put_batch(lab, mesh),
+            sharding.put_batch(image_keys(seed, start, batch_size), mesh))
 
   t0 = time.perf_counter()
   compiled = fn.lower(params, *batch_inputs(0)).compile()
@@ -304,13 +367,14 @@ def generate(bundle, method, sampling, num_images, batch_size, classes=None, see
   tokens, sample_passes = [], []
   target_passes = draft_passes = 0
   starts = range(0, num_images, batch_size)
-  bar = tqdm(starts, desc=f'{method}', unit='batch', disable=not progress, leave=False)
+  bar = tqdm(starts, desc=f'{method}', unit='batch', leave=False,
+             disable=not progress or jax.process_index() != 0)
   t0 = time.perf_counter()
   for start in bar:
     out, stats = compiled(params, *batch_inputs(start))
     keep = min(batch_size, num_images - start)
-    tokens.append(np.asarray(out)[:keep])
-    sample_passes.append(np.asarray(stats['sample_passes'])[:keep])
+    tokens.append(sharding.to_host(out)[:keep])
+    sample_passes.append(sharding.to_host(stats['sample_passes'])[:keep])
     target_passes += int(stats['target_passes'])
     draft_passes += int(stats['draft_passes'])
   run_seconds = time.perf_counter() - t0

@@ -131,20 +131,21 @@ class HawkDecoder:
 
   def _chain(self, params, keys, s):
     """The horizontal chain: tokens [B, K] drawn from q [B, K, V]."""
-    tokens, hidden, n = s.tokens, s.hidden, s.length
-    bidx = jnp.arange(n.shape[0])
-    drafted, qs = [], []
-    for d in range(self.k):
-      pos = (n + d)[:, None]
-      pred, q = self._draft(params, tokens, hidden, pos, pos - 1, vertical=False)
+    bidx = jnp.arange(s.length.shape[0])
+
+    def step(carry, d):
+      tokens, hidden = carry
+      pos = s.length + d
+      pred, q = self._draft(params, tokens, hidden, pos[:, None], pos[:, None] - 1,
+                            vertical=False)
       tok = target_lib.sample_tokens(target_lib.sample_keys(keys, s.passes, 10 + d), q[:, 0],
                                      self.target.sampling.greedy)
       # Later steps see this step's draft as committed (dropped past the grid's end).
-      hidden = hidden.at[:, bidx, pos[:, 0]].set(pred[:, :, 0], mode='drop')
-      tokens = tokens.at[bidx, pos[:, 0]].set(tok, mode='drop')
-      drafted.append(tok)
-      qs.append(q[:, 0])
-    return jnp.stack(drafted, 1), jnp.stack(qs, 1)
+      hidden = hidden.at[:, bidx, pos].set(pred[:, :, 0], mode='drop')
+      return (tokens.at[bidx, pos].set(tok, mode='drop'), hidden), (tok, q[:, 0])
+
+    _, (drafted, qs) = jax.lax.scan(step, (s.tokens, s.hidden), jnp.arange(self.k))
+    return drafted.T, jnp.swapaxes(qs, 0, 1)
 
   def _update_row(self, params, s, active):
     """Vertical drafts of the row holding position n, when not cached yet (rows >= 1)."""
@@ -173,30 +174,33 @@ class HawkDecoder:
         lambda key: jax.random.uniform(key, (self.k, 2)))(
             target_lib.sample_keys(keys, s.passes, 2))
     h_child, v_child = jnp.asarray(self.h_child), jnp.asarray(self.v_child)
-    cur, alive = jnp.zeros((b,), jnp.int32), active
-    a, n_vertical = jnp.zeros((b,), jnp.int32), jnp.zeros((b,), jnp.int32)
-    extra_probs = jnp.zeros_like(probs[:, 0])
-    path, path_tokens = [cur], []
-    for e in range(self.k):
+
+    def down(carry, xs):  # one depth: the current node's children, H then V
+      cur, alive, a, n_vertical, extra_probs = carry
+      u_e, h_ok_e, v_ok_e, h_tok_e, v_tok_e, h_q_e, v_q_e = xs
       p = gather(probs, cur[:, None], axis=1)[:, 0]                       # [B, V]
       hc, vc = h_child[cur], v_child[cur]
-      present = jnp.stack([(hc >= 0) & h_ok[:, e], (vc >= 0) & v_ok[:, e]], 1)
-      choice, r = accept_multi(u[:, e], p, jnp.stack([h_tok[:, e], v_tok[:, e]], 1),
-                               jnp.stack([h_q[:, e], v_q[:, e]], 1), present)
+      present = jnp.stack([(hc >= 0) & h_ok_e, (vc >= 0) & v_ok_e], 1)
+      choice, r = accept_multi(u_e, p, jnp.stack([h_tok_e, v_tok_e], 1),
+                               jnp.stack([h_q_e, v_q_e], 1), present)
       stood = choice >= 0
       extra_probs = jnp.where((alive & ~stood)[:, None], r, extra_probs)
-      a = a + (alive & stood)
-      n_vertical = n_vertical + (alive & (choice == 1))
       cur = jnp.where(alive & stood, jnp.where(choice == 0, hc, vc), cur)
-      path_tokens.append(jnp.where(choice == 0, h_tok[:, e], v_tok[:, e]))
-      path.append(cur)
-      alive = alive & stood
+      carry = (cur, alive & stood, a + (alive & stood), n_vertical + (alive & (choice == 1)),
+               extra_probs)
+      return carry, (cur, jnp.where(choice == 0, h_tok_e, v_tok_e))
+
+    zero = jnp.zeros((b,), jnp.int32)
+    xs = jax.tree.map(lambda x: jnp.swapaxes(x, 0, 1), (u, h_ok, v_ok, h_tok, v_tok, h_q, v_q))
+    (cur, alive, a, n_vertical, extra_probs), (path, path_tokens) = jax.lax.scan(
+        down, (zero, active, zero, zero, jnp.zeros_like(probs[:, 0])), xs)
     # Every draft stood: the bonus token from the last node's p.
     extra_probs = jnp.where(alive[:, None], gather(probs, cur[:, None], axis=1)[:, 0],
                             extra_probs)
     extra = target_lib.sample_tokens(target_lib.sample_keys(keys, s.passes, 3), extra_probs,
                                      greedy)
-    return a, jnp.stack(path, 1), jnp.stack(path_tokens, 1), extra, n_vertical
+    path = jnp.concatenate([zero[:, None], path.T], 1)  # the root first
+    return a, path, path_tokens.T, extra, n_vertical
 
   def _compact(self, cache, n, path, a):
     """Moves the accepted nodes' keys/values to canonical slots prefix + n + e."""
