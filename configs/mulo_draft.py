@@ -6,8 +6,9 @@
 Reads the frozen tokenizer from <workdir>/tokenizer; the target AR model is not needed.
 Writes <workdir>/mulo_draft/ with results.json (validation bits/token of the pooled grids)
 and samples.png (7x7 samples decoded as 14x14 previews, one row per class, CFG 2).
-Expected (2 shared CPU cores, ~20 min): about 5.9 bits/token (pooled codes are blends, so
-the 7x7 grids use more of the codebook than the 14x14 ones do).
+Expected (measured: 24 min on 2 CPU cores shared with an AR run, 0.87 steps/s): held-out
+3.80 bits/token on the 7x7 pooled grids (train 3.78, still falling slowly) and samples
+that show their class at 7x7.
 """
 
 import ml_collections

@@ -153,7 +153,7 @@ def decode(bundle, sampling, labels, keys, **options):
   return np.asarray(tokens), jax.tree.map(np.asarray, stats)
 
 
-def draft(bundle, sampling, labels, keys):
+def draft_of(bundle, sampling, labels, keys):
   target = target_lib.Target(bundle.model, sampling)
   fn = jax.jit(lambda p, l, k: mulo.draft_grid(target, bundle.mulo_draft,
                                                 bundle.mulo_upsampler, p, l, k)[0])
@@ -166,7 +166,7 @@ KEYS = jax.random.split(jax.random.key(5), 8)
 
 def test_tau_zero_keeps_the_draft(bundle):
   tokens, stats = decode(bundle, SAMPLED, LABELS, KEYS, mulo_tau=0.0)
-  np.testing.assert_array_equal(tokens, draft(bundle, SAMPLED, LABELS, KEYS))
+  np.testing.assert_array_equal(tokens, draft_of(bundle, SAMPLED, LABELS, KEYS))
   assert int(stats['target_passes']) == 1
   assert (stats['accepted_drafts'] == GRID[0] * GRID[1]).all()
   assert int(stats['draft_passes']) == 6 + 1  # the 2x3 grid, then the upsampler
@@ -191,7 +191,7 @@ def test_passes_follow_the_island_schedule(bundle):
   params = engine._params(bundle)  # pylint: disable=protected-access
   codes = bundle.tokenizer.apply({'params': bundle.tokenizer_params},
                                  method=bundle.tokenizer.codes)
-  neighbours = mulo.codebook_neighbours(codes, 2)
+  neighbours = mulo.codebook_neighbours(codes, 8)
 
   @jax.jit
   def rejection_map(params, labels, keys):  # what decode_mulo's verify pass rejects
@@ -208,7 +208,7 @@ def test_passes_follow_the_island_schedule(bundle):
            for b in range(len(LABELS))]
   assert max(len(s) for s in sizes) > 1, 'pick a tau that gives several islands'
   for lanes, schedule in ((0, lambda s: max(s, default=0)), (1, sum)):
-    tokens, stats = decode(bundle, GREEDY, LABELS, KEYS, mulo_tau=0.9, mulo_k=2,
+    tokens, stats = decode(bundle, GREEDY, LABELS, KEYS, mulo_tau=0.9, mulo_k=8,
                            mulo_radius=0, mulo_lanes=lanes)
     for b in range(len(LABELS)):
       assert stats['sample_passes'][b] == 1 + schedule(sizes[b]), (lanes, b)
