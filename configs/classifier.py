@@ -17,11 +17,11 @@ def get_config(arg=None):
   config = common.base('classifier')
   config.data.num_classes = 10  # Classes of the dataset (the logits).
   config.batch_size = 128
-  config.num_steps = 3000  # About 6.4 epochs of the 60k training images.
+  config.num_steps = 1500  # About 3.2 epochs of the 60k training images.
   config.learning_rate = 2e-3
   config.warmup_steps = 100
   config.weight_decay = 1e-4
-  config.checkpoint_every = 1000
+  config.checkpoint_every = 500
   config.flip = True  # Random horizontal flips of the training images.
 
   config.model = ml_collections.ConfigDict()

@@ -16,12 +16,12 @@ def get_config(arg=None):
   config = common.base('heads')
   config.tokenizer_dir = ''  # Trained tokenizer stage; '' = <workdir>/tokenizer.
   config.ar_dir = ''  # Trained AR stage (the frozen backbone); '' = <workdir>/ar.
-  config.batch_size = 64
-  config.num_steps = 8000
+  config.batch_size = 32
+  config.num_steps = 1200  # The release run (2 CPU cores); more steps raise acceptance.
   config.learning_rate = 1e-3
-  config.warmup_steps = 300
-  config.log_every = 100
-  config.checkpoint_every = 1000
+  config.warmup_steps = 100
+  config.log_every = 50
+  config.checkpoint_every = 200
 
   config.heads = ml_collections.ConfigDict()
   config.heads.num_horizontal = 3  # Heads for (y, x+1..x+k_h) (paper: k_h = 5).

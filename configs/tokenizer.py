@@ -14,7 +14,7 @@ from configs import common
 
 def get_config(arg=None):
   config = common.base('tokenizer')
-  config.num_steps = 3600
+  config.num_steps = 2400  # ~20 min at 2.2 steps/s on 2 CPU cores (test PSNR ~31 dB).
   config.learning_rate = 2e-3
   config.warmup_steps = 200
   config.checkpoint_every = 500
