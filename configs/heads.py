@@ -17,7 +17,7 @@ def get_config(arg=None):
   config.tokenizer_dir = ''  # Trained tokenizer stage; '' = <workdir>/tokenizer.
   config.ar_dir = ''  # Trained AR stage (the frozen backbone); '' = <workdir>/ar.
   config.batch_size = 32
-  config.num_steps = 1200  # The release run (2 CPU cores); more steps raise acceptance.
+  config.num_steps = 600  # The release run (2 CPU cores); more steps raise acceptance.
   config.learning_rate = 1e-3
   config.warmup_steps = 100
   config.log_every = 50

@@ -111,20 +111,21 @@ def test_greedy_speculative_equals_ar(decode, cfg_scale, draft_len, horizontal_f
   assert 0 < stats['accepted_drafts'].sum() < len(LABELS) * (GRID[0] * GRID[1] - 1)
 
 
-def check_generate_lossless(bundle, cfg_scale, num_images, batch_size, mesh):
-  """engine.generate: greedy speculative == greedy AR over padded batches, mixed classes."""
+def check_generate_lossless(bundle, cfg_scale, num_images, batch_size, mesh,
+                            method='speculative'):
+  """engine.generate: greedy `method` == greedy AR over padded batches, mixed classes."""
   sampling = Sampling(temperature=0.0, cfg_scale=cfg_scale)
   common = dict(num_images=num_images, batch_size=batch_size, seed=0, mesh=mesh,
                 progress=False)
   base = engine.generate(bundle, 'ar', sampling, **common)
-  spec = engine.generate(bundle, 'speculative', sampling, **common)
+  spec = engine.generate(bundle, method, sampling, **common)
   h, w = bundle.model.grid
   assert spec.tokens.shape == base.tokens.shape == (num_images, h, w)
   assert len(set(base.labels.tolist())) > 1
   np.testing.assert_array_equal(spec.labels, base.labels)
   diff = np.argwhere(spec.tokens != base.tokens)
-  assert not len(diff), (f'cfg {cfg_scale}: {len(diff)} tokens differ from AR, first at '
-                         f'(image, y, x) = {tuple(diff[0])}')
+  assert not len(diff), (f'{method}, cfg {cfg_scale}: {len(diff)} tokens differ from AR, '
+                         f'first at (image, y, x) = {tuple(diff[0])}')
   assert base.stats['target_passes'] == base.stats['num_batches'] * h * w
   assert spec.stats['target_passes'] <= base.stats['target_passes']
   return base, spec
@@ -151,6 +152,14 @@ def test_release_greedy_speculative_equals_ar(release, cfg_scale):
                                        mesh=one_device_mesh())
   # Trained heads must save passes, not merely stay exact.
   assert spec.stats['target_passes'] < base.stats['target_passes']
+
+
+def test_release_greedy_hawk_equals_ar(release):
+  if release.hawk is None:
+    pytest.skip('the release has no hawk_draft stage; train configs/hawk_draft.py')
+  base, hawk = check_generate_lossless(release, 2.0, num_images=8, batch_size=8,
+                                       mesh=one_device_mesh(), method='hawk')
+  assert hawk.stats['target_passes'] < base.stats['target_passes']
 
 
 # --- per-sample progress ------------------------------------------------------------------
