@@ -8,6 +8,7 @@ has the target's exact distribution is tested in test_decoding_distribution.py.
 """
 
 import dataclasses
+import functools
 import os
 import re
 
@@ -48,20 +49,23 @@ def tiny_bundle(seed=0):
                                   num_layers=2, dim=DIM, num_heads=2, mlp_dim=64)
   heads = heads_lib.NeighbourHeads(num_horizontal=3, num_vertical=1, dim=DIM, mlp_dim=32)
 
-  @jax.jit  # one compile instead of dozens of eager ones
-  def init(key):
-    k_model, k_heads = jax.random.split(key)
-    params = sharding.strip_boxes(model.init(
-        k_model, jnp.zeros((1, model.num_tokens), jnp.int32), jnp.zeros((1,), jnp.int32)))
-    params['params']['lm_head']['kernel'] *= 8
-    head_params = sharding.strip_boxes(heads.init(k_heads, jnp.zeros((1, DIM)),
-                                                  jnp.zeros((1, DIM))))['params']
-    copy = jnp.concatenate([jnp.eye(DIM), jnp.zeros((DIM, DIM))])
-    return params['params'], {name: dict(p, w0={'kernel': p['w0']['kernel'] + copy})
-                              for name, p in head_params.items()}
-
+  init = jax.jit(functools.partial(init_peaked_with_copying_heads, model, heads))  # one compile
   params, head_params = init(jax.random.key(seed))
   return pretrained.Bundle('tiny-random', None, None, model, params, heads, head_params)
+
+
+def init_peaked_with_copying_heads(model, heads, key):
+  """(backbone params with an lm_head scaled by 8, head params whose w0 is pushed to [I; 0])."""
+  k_model, k_heads = jax.random.split(key)
+  params = sharding.strip_boxes(model.init(
+      k_model, jnp.zeros((1, model.num_tokens), jnp.int32), jnp.zeros((1,), jnp.int32)))
+  params['params']['lm_head']['kernel'] *= 8
+  dim = model.dim
+  head_params = sharding.strip_boxes(heads.init(k_heads, jnp.zeros((1, dim)),
+                                                jnp.zeros((1, dim))))['params']
+  copy = jnp.concatenate([jnp.eye(dim), jnp.zeros((dim, dim))])
+  return params['params'], {name: dict(p, w0={'kernel': p['w0']['kernel'] + copy})
+                            for name, p in head_params.items()}
 
 
 def one_device_mesh():

@@ -7,7 +7,6 @@ passes equal 1 + the longest island's schedule; the stages lower their losses, r
 and load into the Bundle; bad knob values are refused by name.
 """
 
-import dataclasses
 import json
 import os
 import re
@@ -36,6 +35,7 @@ from ssd_jax.training import loop
 from ssd_jax.training import mulo_stages
 from ssd_jax.training import stages
 from test_data import write_fashion_idx  # pylint: disable=g-bad-import-order
+from test_training import read_metrics, without_evaluation  # pylint: disable=g-bad-import-order
 
 GRID = (4, 6)
 VOCAB = 16
@@ -248,15 +248,6 @@ def smoke_config(root, stage, **overrides):
   config.data.data_dir = str(root / 'tfds')
   config.update(overrides)
   return config
-
-
-def without_evaluation(stage):
-  return dataclasses.replace(stage, evaluate=lambda *args: {})
-
-
-def read_metrics(stage_dir):
-  with open(os.path.join(stage_dir, 'metrics.jsonl')) as f:
-    return [json.loads(line) for line in f]
 
 
 @pytest.fixture(scope='module')

@@ -10,6 +10,7 @@ not divide the batch or the heads are refused before anything compiles.
 
 import concurrent.futures
 import dataclasses
+import functools
 import os
 import re
 
@@ -35,6 +36,7 @@ from ssd_jax.training import checkpoint
 from ssd_jax.training import heads_stage
 from ssd_jax.training import loop
 from test_data import write_fashion_idx  # pylint: disable=g-bad-import-order
+import test_decoding as decoding_test  # pylint: disable=g-bad-import-order
 
 Sampling = sampling_lib.Sampling
 
@@ -70,17 +72,7 @@ def tiny_bundle(num_heads=2, mlp_dim=64, abstract=False):
                                   num_layers=1, dim=DIM, num_heads=num_heads, mlp_dim=mlp_dim)
   heads = heads_lib.NeighbourHeads(num_horizontal=2, num_vertical=1, dim=DIM, mlp_dim=32)
 
-  def init(key):
-    k_model, k_heads = jax.random.split(key)
-    params = sharding.strip_boxes(model.init(
-        k_model, jnp.zeros((1, model.num_tokens), jnp.int32), jnp.zeros((1,), jnp.int32)))
-    params['params']['lm_head']['kernel'] *= 8
-    head_params = sharding.strip_boxes(heads.init(k_heads, jnp.zeros((1, DIM)),
-                                                  jnp.zeros((1, DIM))))['params']
-    copy = jnp.concatenate([jnp.eye(DIM), jnp.zeros((DIM, DIM))])
-    return params['params'], {name: dict(p, w0={'kernel': p['w0']['kernel'] + copy})
-                              for name, p in head_params.items()}
-
+  init = functools.partial(decoding_test.init_peaked_with_copying_heads, model, heads)
   key = jax.random.key(0)
   params, head_params = jax.eval_shape(init, key) if abstract else jax.jit(init)(key)
   return pretrained.Bundle('tiny-random', None, None, model, params, heads, head_params)

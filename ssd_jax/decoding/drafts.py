@@ -9,7 +9,6 @@ Draft distributions go through the target's own CFG and sampling processing.
 
 import dataclasses
 
-import jax
 import jax.numpy as jnp
 
 from ssd_jax.decoding import target as target_lib

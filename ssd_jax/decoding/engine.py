@@ -9,7 +9,7 @@ fold_in(key(seed), i), so its tokens do not depend on the batch size.
 import dataclasses
 import functools
 import time
-from typing import Callable, Optional, Sequence
+from typing import Callable
 
 import flax.linen as nn
 import jax
@@ -24,7 +24,6 @@ from ssd_jax.decoding import ar
 from ssd_jax.decoding import drafts
 from ssd_jax.decoding import hawk
 from ssd_jax.decoding import mulo
-from ssd_jax.decoding import sampling as sampling_lib
 from ssd_jax.decoding import sjd
 from ssd_jax.decoding import speculative
 from ssd_jax.decoding import ssd

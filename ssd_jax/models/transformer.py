@@ -12,8 +12,6 @@ decoding is T = 1, verifying k drafts is T = k + 1. Slots beyond `length` are ma
 explicitly; rejected drafts are dropped by moving `length` back.
 """
 
-from typing import Optional
-
 import flax
 import flax.linen as nn
 import jax
