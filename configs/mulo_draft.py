@@ -6,7 +6,7 @@
 Reads the frozen tokenizer from <workdir>/tokenizer; the target AR model is not needed.
 Writes <workdir>/mulo_draft/ with results.json (validation bits/token of the pooled grids)
 and samples.png (7x7 samples decoded as 14x14 previews, one row per class, CFG 2).
-Measured (the release: 600 steps, 30 min at nice 10 on 2 CPU cores shared with the AR run
+Measured (the release: 600 steps, 18 min at nice 10 on 2 CPU cores shared with the AR run
 and the test suite, 0.3-0.55 steps/s): held-out 3.91 bits/token on the 7x7 pooled grids;
 a 1200-step run reached 3.80.
 """
