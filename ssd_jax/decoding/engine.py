@@ -42,9 +42,9 @@ class Options:
   gsd_rank_window: int = 7     # gsd: cluster candidates within +-this many ranks of p
   gsd_prob_threshold: float = 0.15  # gsd: ... with |p(v) - p(x)| below this
   # gsd: ... and squared codebook distance below this. Codes are unit vectors; on an
-  # earlier training of the fmnist tokenizer 0.05 keeps ~12 of 512 codes near each code, whose decoded patches
-  # differ by ~29 dB PSNR (the tokenizer's own reconstruction: 32 dB); the paper's 0.5
-  # (on its model's token embeddings) would admit 30% of our codebook, at ~16 dB.
+  # earlier training of the fmnist tokenizer 0.05 kept ~12 of 512 codes near each code,
+  # whose decoded patches differ by ~29 dB PSNR (the tokenizer's own: 32 dB); the paper's
+  # 0.5 (on its model's token embeddings) admitted 30% of that codebook, at ~16 dB.
   gsd_dist_threshold: float = 0.05
   lantern_k: int = 32          # lantern: latent neighbours per code (~6% of 512 codes,
                                # as the paper's 1000 of 16384)
