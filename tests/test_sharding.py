@@ -37,6 +37,7 @@ from ssd_jax.training import heads_stage
 from ssd_jax.training import loop
 from test_data import write_fashion_idx  # pylint: disable=g-bad-import-order
 import test_decoding as decoding_test  # pylint: disable=g-bad-import-order
+import test_training as training_test  # pylint: disable=g-bad-import-order
 
 Sampling = sampling_lib.Sampling
 
@@ -285,13 +286,7 @@ def stage_config(module, root, **overrides):
   config.num_steps = 2  # step 0 has learning rate 0 (warm-up); step 1 moves the parameters
   config.checkpoint_every = config.log_every = 2
   config.tokenizer_dir = str(root / 'tokenizer')
-  for key, value in overrides.items():
-    node = config
-    *path, leaf = key.split('.')
-    for name in path:
-      node = node[name]
-    node[leaf] = value
-  return config
+  return training_test.set_fields(config, overrides)
 
 
 def train_on(monkeypatch, config, workdir, make_stage, shape):

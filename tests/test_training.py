@@ -38,6 +38,11 @@ def smoke_config(root, stage, **overrides):
   config = CONFIGS[stage].get_config('smoke')
   config.data.idx_dir = str(root / 'idx')
   config.data.data_dir = str(root / 'tfds')
+  return set_fields(config, overrides)
+
+
+def set_fields(config, overrides):
+  """Sets dotted keys ('model.dim') of a config, as --config.model.dim=... would."""
   for key, value in overrides.items():
     node = config
     *path, leaf = key.split('.')
