@@ -44,14 +44,6 @@ def window_positions(pos, grid, offsets, vertical):
   return jnp.clip(rows * w + cols, 0, grid[0] * w - 1), valid
 
 
-def _rotate(x, angles):
-  """RoPE for any leading shape: x [..., H, Dh], angles [..., Dh/2]."""
-  half = x.shape[-1] // 2
-  cos, sin = jnp.cos(angles)[..., None, :], jnp.sin(angles)[..., None, :]
-  x1, x2 = x[..., :half], x[..., half:]
-  return jnp.concatenate([x1 * cos - x2 * sin, x1 * sin + x2 * cos], axis=-1)
-
-
 class WindowBlock(nn.Module):
   """Queries attend to their window (keys shared [..., K, E] or per query [..., Q, K, E])."""
   num_heads: int
@@ -64,10 +56,10 @@ class WindowBlock(nn.Module):
     h, dh = self.num_heads, self.head_dim
     y = layers.RMSNorm(name='attn_norm')(x)
     q = layers.Dense(h * dh, ('embed', 'heads'), name='query')(y)
-    q = _rotate(q.reshape(q.shape[:-1] + (h, dh)), q_angles)
+    q = layers.apply_rope(q.reshape(q.shape[:-1] + (h, dh)), q_angles)
     kv = layers.Dense(2 * h * dh, ('embed', 'heads'), name='key_value')(mem)
     k, v = jnp.split(kv.reshape(kv.shape[:-1] + (2 * h, dh)), 2, axis=-2)
-    k = _rotate(k, k_angles)
+    k = layers.apply_rope(k, k_angles)
     keys = '...qkhd' if mem.ndim == x.ndim + 1 else '...khd'
     scores = jnp.einsum(f'...qhd,{keys}->...qhk', q, k) / np.sqrt(dh).astype(q.dtype)
     scores = jnp.where(mask[..., None, :], scores, jnp.finfo(scores.dtype).min)

@@ -62,9 +62,10 @@ def rope_angles(rows, cols, head_dim, base):
 
 
 def apply_rope(x, angles):
-  """Rotates pairs (x[..., :half], x[..., half:]); x [B, T, H, Dh], angles [B, T, Dh/2]."""
+  """Rotates pairs (x[..., :half], x[..., half:]); x [..., H, Dh], angles [..., Dh/2]
+  (e.g. [B, T, H, Dh] with [B, T, Dh/2]; any leading shape, as Hawk's windows need)."""
   half = x.shape[-1] // 2
-  cos = jnp.cos(angles)[:, :, None, :]
-  sin = jnp.sin(angles)[:, :, None, :]
+  cos = jnp.cos(angles)[..., None, :]
+  sin = jnp.sin(angles)[..., None, :]
   x1, x2 = x[..., :half], x[..., half:]
   return jnp.concatenate([x1 * cos - x2 * sin, x1 * sin + x2 * cos], axis=-1)
