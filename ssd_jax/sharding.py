@@ -88,10 +88,13 @@ def _mesh_axes(entry):  # one PartitionSpec entry -> tuple of mesh axis names
   return () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
 
 
+def _devices(mesh, axes):  # devices along a tuple of mesh axes
+  return int(np.prod([mesh.shape[a] for a in axes]))
+
+
 def axis_devices(mesh, rules, logical):
   """How many devices the rules split the logical axis `logical` over on `mesh`."""
-  axes = _mesh_axes(nn.logical_to_mesh_axes((logical,), rules)[0])
-  return int(np.prod([mesh.shape[a] for a in axes]))
+  return _devices(mesh, _mesh_axes(nn.logical_to_mesh_axes((logical,), rules)[0]))
 
 
 def _path_str(path):
@@ -110,7 +113,7 @@ def check_params_divisible(abstract_boxed, mesh, rules, prefix='', fix=''):
     spec = nn.logical_to_mesh_axes(leaf.names, rules)
     for size, logical, entry in zip(leaf.value.shape, leaf.names, spec):
       axes = _mesh_axes(entry)
-      devices = int(np.prod([mesh.shape[a] for a in axes]))
+      devices = _devices(mesh, axes)
       if size % devices:
         raise ValueError(
             f'parameter {prefix + _path_str(path)!r} has {size} along its {logical!r} '
