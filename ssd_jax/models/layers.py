@@ -1,4 +1,8 @@
-"""Building blocks with logical axis names: dense layers, RMSNorm, SwiGLU, axial 2D RoPE."""
+"""Building blocks with logical axis names: dense layers, RMSNorm, SwiGLU, axial 2D RoPE.
+
+RoPE comes in two pairings: ours rotates (x[:half], x[half:]); LlamaGen's (like Meta's
+Llama) rotates adjacent pairs (x[2j], x[2j+1]). Both use the same 2D frequencies.
+"""
 
 from typing import Sequence
 
@@ -28,13 +32,16 @@ class Dense(nn.Module):
 
 
 class RMSNorm(nn.Module):
+  """Normalises in float32 whatever the activation dtype (as LlamaGen does)."""
   eps: float = 1e-6
 
   @nn.compact
   def __call__(self, x):
     scale = self.param('scale', nn.with_logical_partitioning(nn.initializers.ones, ('embed',)),
                        (x.shape[-1],))
-    return x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + self.eps) * scale
+    x32 = x.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+    return y.astype(x.dtype) * scale
 
 
 class SwiGLU(nn.Module):
@@ -61,11 +68,23 @@ def rope_angles(rows, cols, head_dim, base):
   return jnp.concatenate([row_angles, col_angles], axis=-1)
 
 
-def apply_rope(x, angles):
-  """Rotates pairs (x[..., :half], x[..., half:]); x [..., H, Dh], angles [..., Dh/2]
-  (e.g. [B, T, H, Dh] with [B, T, Dh/2]; any leading shape, as Hawk's windows need)."""
-  half = x.shape[-1] // 2
-  cos = jnp.cos(angles)[..., None, :]
+def apply_rope(x, angles, interleaved=False, keep=None):
+  """Rotates pairs (x[..., :half], x[..., half:]), or (x[..., 2j], x[..., 2j+1]) when
+  `interleaved`; x [..., H, Dh], angles [..., Dh/2] (e.g. [B, T, H, Dh] with [B, T, Dh/2];
+  any leading shape, as Hawk's windows need).
+
+  keep [...] bool: where False, cos = sin = 0, so x becomes exactly zero there (LlamaGen
+  gives its class-token slot no rotation at all rather than the identity).
+  """
+  cos = jnp.cos(angles)[..., None, :]  # [..., 1, Dh/2]
   sin = jnp.sin(angles)[..., None, :]
+  if keep is not None:
+    cos = jnp.where(keep[..., None, None], cos, 0.0)
+    sin = jnp.where(keep[..., None, None], sin, 0.0)
+  if interleaved:
+    pairs = x.reshape(x.shape[:-1] + (-1, 2))  # [..., H, Dh/2, 2]
+    x1, x2 = pairs[..., 0], pairs[..., 1]
+    return jnp.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], axis=-1).reshape(x.shape)
+  half = x.shape[-1] // 2
   x1, x2 = x[..., :half], x[..., half:]
   return jnp.concatenate([x1 * cos - x2 * sin, x1 * sin + x2 * cos], axis=-1)

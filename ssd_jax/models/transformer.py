@@ -55,15 +55,17 @@ def cache_mask(slots, length, max_len, block_mask=None):
 class Attention(nn.Module):
   num_heads: int
   head_dim: int
+  rope_interleaved: bool = False  # rotate adjacent pairs (LlamaGen) instead of halves
 
   @nn.compact
-  def __call__(self, x, angles, mask, cache=None, layer=None, slots=None):
-    """x [B, T, D]; mask [B, T, S] (S = T without cache); returns (y, cache)."""
+  def __call__(self, x, angles, mask, cache=None, layer=None, slots=None, rope_keep=None):
+    """x [B, T, D]; mask [B, T, S] (S = T without cache); rope_keep [B, T] (False: q = k = 0,
+    see layers.apply_rope); returns (y, cache)."""
     b, t, _ = x.shape
     qkv = layers.Dense(3 * self.num_heads * self.head_dim, ('embed', 'heads'), name='qkv')(x)
     q, k, v = jnp.split(qkv.reshape(b, t, 3 * self.num_heads, self.head_dim), 3, axis=2)
-    q = layers.apply_rope(q, angles)  # [B, T, H, Dh]
-    k = layers.apply_rope(k, angles)
+    q = layers.apply_rope(q, angles, self.rope_interleaved, rope_keep)  # [B, T, H, Dh]
+    k = layers.apply_rope(k, angles, self.rope_interleaved, rope_keep)
     if cache is not None:
       bidx = jnp.arange(b)[:, None]
       cache = cache.replace(k=cache.k.at[layer, bidx, slots].set(k.astype(cache.k.dtype)),
@@ -80,19 +82,27 @@ class Block(nn.Module):
   num_heads: int
   head_dim: int
   mlp_dim: int
+  norm_eps: float = 1e-6
+  rope_interleaved: bool = False
 
   @nn.compact
-  def __call__(self, x, angles, mask, cache=None, layer=None, slots=None):
+  def __call__(self, x, angles, mask, cache=None, layer=None, slots=None, rope_keep=None):
     x = nn.with_logical_constraint(x, ('act_batch', 'act_len', 'act_embed'))
-    y, cache = Attention(self.num_heads, self.head_dim, name='attn')(
-        layers.RMSNorm(name='attn_norm')(x), angles, mask, cache, layer, slots)
+    y, cache = Attention(self.num_heads, self.head_dim, self.rope_interleaved, name='attn')(
+        layers.RMSNorm(self.norm_eps, name='attn_norm')(x), angles, mask, cache, layer, slots,
+        rope_keep)
     x = x + y
-    x = x + layers.SwiGLU(self.mlp_dim, name='mlp')(layers.RMSNorm(name='mlp_norm')(x))
+    x = x + layers.SwiGLU(self.mlp_dim, name='mlp')(
+        layers.RMSNorm(self.norm_eps, name='mlp_norm')(x))
     return x, cache
 
 
 class Transformer(nn.Module):
-  """Class-conditional AR model over [H, W] grids of `vocab_size` tokens."""
+  """Class-conditional AR model over [H, W] grids of `vocab_size` tokens.
+
+  The defaults are our own model; LlamaGen's c2i GPTs (ssd_jax/importers/llamagen.py) set
+  rope_base=10000, norm_eps=1e-5, rope_interleaved and rope_zero_prefix.
+  """
   vocab_size: int
   num_classes: int
   grid: tuple  # (H, W)
@@ -103,6 +113,9 @@ class Transformer(nn.Module):
   prefix_len: int = 1
   rope_base: float = 100.0
   label_dropout: float = 0.1
+  norm_eps: float = 1e-6
+  rope_interleaved: bool = False  # rotate adjacent pairs (x[2j], x[2j+1]) instead of halves
+  rope_zero_prefix: bool = False  # prefix slots get cos = sin = 0 (q = k = 0), not -1, -2, ...
 
   @property
   def head_dim(self):
@@ -122,9 +135,10 @@ class Transformer(nn.Module):
     self.class_embed = nn.Embed(
         self.num_classes + 1, self.prefix_len * self.dim,
         embedding_init=nn.with_logical_partitioning(layers.DEFAULT_INIT, ('classes', 'embed')))
-    self.blocks = [Block(self.num_heads, self.head_dim, self.mlp_dim, name=f'block_{i}')
+    self.blocks = [Block(self.num_heads, self.head_dim, self.mlp_dim, self.norm_eps,
+                         self.rope_interleaved, name=f'block_{i}')
                    for i in range(self.num_layers)]
-    self.final_norm = layers.RMSNorm()
+    self.final_norm = layers.RMSNorm(self.norm_eps)
     self.lm_head = layers.Dense(self.vocab_size, ('embed', 'vocab'))
 
   # --- pieces other modules (heads, decoding) use -------------------------------------
@@ -148,8 +162,10 @@ class Transformer(nn.Module):
   def _body(self, x, slots, mask, cache=None, rope_pos=None):
     rows, cols = self.slot_rows_cols(slots) if rope_pos is None else rope_pos
     angles = layers.rope_angles(rows, cols, self.head_dim, self.rope_base)
+    # Prefix slots are the ones with negative positions (rope_pos holds image positions).
+    keep = rows >= 0 if self.rope_zero_prefix else None
     for i, block in enumerate(self.blocks):
-      x, cache = block(x, angles, mask, cache, i, slots)
+      x, cache = block(x, angles, mask, cache, i, slots, keep)
     return x, cache
 
   # --- training: the whole grid in one causal pass --------------------------------------
