@@ -84,6 +84,25 @@ def check_divisible(batch_size, mesh, what='batch_size'):
                      f'the mesh; use a multiple of {data}.')
 
 
+def check_heads_divisible(num_heads, mesh, rules, flag, what='the model'):
+  """Raises a ValueError when the rules split attention heads over a number of devices of
+  `mesh` that does not divide `num_heads`; `flag` names the option that sets the 'model'
+  axis (--mesh_model for sampling, --config.mesh.model for training).
+
+  check_params_divisible cannot see this: the qkv kernel's 'heads' axis is
+  num_heads * head_dim * 3 wide, which a split through the heads may still divide.
+  """
+  devices = axis_devices(mesh, rules, 'heads')
+  if num_heads % devices:
+    divisors = [str(d) for d in range(1, num_heads + 1) if num_heads % d == 0]
+    choices = ' or '.join([', '.join(divisors[:-1]), divisors[-1]] if len(divisors) > 1
+                          else divisors)
+    raise ValueError(
+        f'{what} has {num_heads} attention heads, which the mesh splits over {devices} '
+        f'devices: not divisible. Choose {flag} {choices}, or '
+        "map 'heads' to None in the logical axis rules.")
+
+
 def _mesh_axes(entry):  # one PartitionSpec entry -> tuple of mesh axis names
   return () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
 

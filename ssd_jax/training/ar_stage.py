@@ -75,13 +75,14 @@ def make_stage(config, workdir):
 
   spec_json = {'transformer': spec, 'class_names': list(fashion_mnist.CLASS_NAMES)
                if config.data.name == 'fashion_mnist_local' else []}
-  return _stage('ar', init_params, loss_fn, evaluate, {'tokenizer': tok_params}, spec_json)
+  return _stage('ar', init_params, loss_fn, evaluate, {'tokenizer': tok_params}, spec_json,
+                spec['num_heads'])
 
 
-def _stage(name, init_params, loss_fn, evaluate, frozen, spec):
+def _stage(name, init_params, loss_fn, evaluate, frozen, spec, num_heads):
   from ssd_jax.training import loop  # pylint: disable=g-import-not-at-top
   return loop.Stage(name=name, init_params=init_params, loss_fn=loss_fn, evaluate=evaluate,
-                    frozen=frozen, spec=spec)
+                    frozen=frozen, spec=spec, num_heads=num_heads)
 
 
 def validation_bits(model, params, encode, tok_params, data, batch_size=250):

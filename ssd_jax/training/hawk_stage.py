@@ -91,7 +91,8 @@ def make_stage(config, workdir):
   return loop.Stage(name='hawk_draft', init_params=init_params, loss_fn=loss_fn,
                     evaluate=evaluate,
                     frozen={'tokenizer': tok_params, 'backbone': backbone},
-                    spec={'hawk_draft': spec, 'backbone': ar_spec['transformer']})
+                    spec={'hawk_draft': spec, 'backbone': ar_spec['transformer']},
+                    num_heads=spec['num_heads'])
 
 
 def evaluate_drafter(model, drafter, backbone, params, encode, data, chain_depth,

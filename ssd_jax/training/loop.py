@@ -53,6 +53,8 @@ class Stage:
   post_update: Optional[Callable] = None
   # What rebuilds the trained module (saved as model.json; see ssd_jax/pretrained.py).
   spec: Optional[dict] = None
+  # Attention heads of the trained module, if it has any: the mesh must divide them.
+  num_heads: Optional[int] = None
 
 
 def make_optimizer(config):
@@ -142,6 +144,9 @@ def train(config, workdir, stage):
   mesh = sharding.mesh_from_config(config)
   rules = sharding.rules_from_config(config)
   sharding.check_divisible(config.batch_size, mesh)
+  if stage.num_heads is not None:
+    sharding.check_heads_divisible(stage.num_heads, mesh, rules, '--config.mesh.model',
+                                   what=f'the {stage.name} model')
   tx = make_optimizer(config)
   ckpts = checkpoint.StageCheckpoints(stage_dir, keep=config.keep_checkpoints)
 

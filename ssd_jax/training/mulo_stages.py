@@ -86,7 +86,8 @@ def _draft_stage(config, tokenizer, grids, spec, frozen, names):
 
   return loop.Stage(name='mulo_draft', init_params=init_params, loss_fn=loss_fn,
                     evaluate=evaluate, frozen=frozen,
-                    spec={'transformer': spec, 'factor': config.factor, 'class_names': names})
+                    spec={'transformer': spec, 'factor': config.factor, 'class_names': names},
+                    num_heads=spec['num_heads'])
 
 
 def _upsampler_stage(config, tokenizer, grids, spec, frozen):
@@ -114,7 +115,8 @@ def _upsampler_stage(config, tokenizer, grids, spec, frozen):
     return results
 
   return loop.Stage(name='mulo_upsampler', init_params=init_params, loss_fn=loss_fn,
-                    evaluate=evaluate, frozen=frozen, spec={'upsampler': spec})
+                    evaluate=evaluate, frozen=frozen, spec={'upsampler': spec},
+                    num_heads=spec['num_heads'])
 
 
 def evaluate_upsampler(model, params, tokenizer, tok_params, grids, data, batch_size=250,
