@@ -1,7 +1,11 @@
-"""Training refuses a mesh that splits the attention heads unevenly, before anything
-compiles."""
+"""train.py fails early and briefly: a mesh that splits the attention heads unevenly is
+refused before anything compiles, and a missing dataset, a --workdir that is a file or a bad
+config field end in one line on stderr and exit code 2, without a traceback."""
 
+import os
 import re
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -18,6 +22,7 @@ from ssd_jax.training import loop
 from ssd_jax.training import stages
 import test_sharding  # pylint: disable=g-bad-import-order
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Each smoke config has 2 attention heads; a 2 x 4 mesh splits them over 4 devices, which
 # the shapes alone would allow (the qkv kernel is 2 * 16 * 3 = 96 wide).
 HEADED_STAGES = {'ar': ar_config, 'mulo_draft': mulo_draft_config,
@@ -57,3 +62,33 @@ def test_a_mesh_that_splits_the_heads_is_refused(root, name, tmp_path, monkeypat
   with pytest.raises(ValueError, match=re.escape(message)):
     loop.train(config, str(tmp_path), stage)
   assert not checkpoint.StageCheckpoints(str(tmp_path / name)).exists()
+
+
+def train_py(*args):
+  return subprocess.run([sys.executable, 'train.py', *args], cwd=REPO, capture_output=True,
+                        text=True, timeout=120, check=False)
+
+
+def test_cli_errors_are_one_line_and_exit_2(root, tmp_path):
+  data = [f'--config.data.idx_dir={root / "idx"}', f'--config.data.data_dir={root / "tfds"}']
+  a_file = tmp_path / 'a_file'
+  a_file.write_text('')
+  cases = {
+      'Fashion-MNIST IDX files not found in /nonexistent': [
+          '--config=configs/tokenizer.py:smoke', f'--workdir={tmp_path / "run"}',
+          '--config.data.idx_dir=/nonexistent', f'--config.data.data_dir={tmp_path / "tfds"}'],
+      f'--workdir={a_file} is a file': [
+          '--config=configs/tokenizer.py:smoke', f'--workdir={a_file}'],
+      'the ar model has 2 attention heads, which the mesh splits over 4 devices': [
+          '--config=configs/ar.py:smoke', f'--workdir={tmp_path / "run"}',
+          f'--config.tokenizer_dir={root / "tokenizer"}', '--config.mesh.model=4', *data],
+      "names a field the config does not have: 'no_such_field'": [
+          '--config=configs/ar.py:smoke', f'--workdir={tmp_path / "run"}',
+          '--config.no_such_field=1'],
+  }
+  for message, args in cases.items():
+    run = train_py(*args)
+    assert run.returncode == 2, (message, run.stderr[-3000:])
+    assert run.stderr.startswith('train.py: error: ') and message in run.stderr, run.stderr
+    assert run.stderr.rstrip().endswith('(see --help)'), run.stderr
+    assert len(run.stderr.strip().splitlines()) == 1, run.stderr

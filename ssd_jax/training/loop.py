@@ -147,6 +147,8 @@ def train(config, workdir, stage):
   if stage.num_heads is not None:
     sharding.check_heads_divisible(stage.num_heads, mesh, rules, '--config.mesh.model',
                                    what=f'the {stage.name} model')
+  # Opened before anything compiles: a missing dataset is a message, not lost minutes.
+  source = pipeline.data_source(config.data, config.data.train_split)
   tx = make_optimizer(config)
   ckpts = checkpoint.StageCheckpoints(stage_dir, keep=config.keep_checkpoints)
 
@@ -176,8 +178,7 @@ def train(config, workdir, stage):
     if start < config.num_steps:
       log(f'[{stage.name}] training steps {start}..{config.num_steps} in {stage_dir} '
           f'on a data={mesh.shape["data"]} x model={mesh.shape["model"]} mesh')
-      batches = pipeline.Batches(pipeline.data_source(config.data, config.data.train_split),
-                                 config.batch_size, config.seed, start_step=start)
+      batches = pipeline.Batches(source, config.batch_size, config.seed, start_step=start)
       metrics_path = os.path.join(stage_dir, 'metrics.jsonl')
       t0, steps_done, pending = time.time(), 0, []
       with _StopRequested() as stop, _committing(ckpts):

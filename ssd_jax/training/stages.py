@@ -1,6 +1,7 @@
 """train.py's entry point: picks the stage named by the config and runs the shared loop."""
 
 import importlib
+import os
 
 from ssd_jax.training import loop
 
@@ -18,6 +19,22 @@ STAGES = {
 
 def run(config, workdir):
   if config.stage not in STAGES:
-    raise ValueError(f'unknown stage {config.stage!r}; choose one of {sorted(STAGES)}')
+    raise ValueError(f'--config.stage={config.stage!r} is not a stage; choose one of '
+                     f'{sorted(STAGES)}.')
+  _make_stage_dir(workdir, config.stage)
   module = importlib.import_module(STAGES[config.stage])
   return loop.train(config, workdir, module.make_stage(config, workdir))
+
+
+def _make_stage_dir(workdir, stage):
+  """Creates <workdir>/<stage> first, so a --workdir that cannot hold it costs no work."""
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise ValueError(f'--workdir={workdir} is a file; give a folder (it is created if '
+                     'missing).')
+  stage_dir = os.path.join(workdir, stage)
+  try:
+    os.makedirs(stage_dir, exist_ok=True)
+  except OSError as e:
+    raise ValueError(f'--workdir={workdir}: cannot create {stage_dir} ({e.strerror}).') from e
+  if not os.access(stage_dir, os.W_OK):
+    raise ValueError(f'--workdir={workdir}: {stage_dir} is not writable.')
