@@ -1,6 +1,6 @@
 """Two JAX processes on this machine (issue 7), each with 2 fake CPU devices.
 
-The test starts this file twice as a worker (`python tests/test_multihost.py ROOT`) with
+The test starts this file twice as a worker (`python tests/test_multihost.py MODE ROOT`) with
 JAX_COORDINATOR_ADDRESS=127.0.0.1:<free port>, JAX_NUM_PROCESSES=2 and JAX_PROCESS_ID=0/1,
 which runtime.setup() turns into jax.distributed.initialize(). The workers train the ar
 stage for two steps on one data=4 mesh spanning both processes (each reads its half of
@@ -8,14 +8,20 @@ every batch; one Orbax checkpoint written by both), evaluate it, then sample wit
 sample.py's job. Checked: both hold identical parameters, equal within PARAM_TOL to one
 process training on 4 devices; only process 0 logged and wrote metrics and images; the
 sampled tokens are those of one process.
+
+Preemption (issue 12): SIGTERM sent to one process only, mid-training; both must stop after
+the same step, save there (one collective save, no hang) and exit; a rerun resumes there.
 """
 
 import dataclasses
 import os
 import pathlib
+import re
+import signal
 import socket
 import subprocess
 import sys
+import time
 
 import jax
 import numpy as np
@@ -35,6 +41,8 @@ import test_sharding  # pylint: disable=g-bad-import-order
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NUM_IMAGES = 4
+SIGTERM_AFTER = 3  # the test sends SIGTERM to process 1 once process 0 logged this step
+PREEMPT_STEPS = 10000  # num_steps of the preempted run: it must stop long before
 GREEDY = sampling_lib.Sampling(temperature=0.0, cfg_scale=2.0)
 
 
@@ -46,6 +54,18 @@ def config_for(root):
 def flat_params(params):
   return {'/'.join(str(k.key) for k in path): sharding.to_host(x)
           for path, x in jax.tree_util.tree_leaves_with_path(params)}
+
+
+def preempt_config(root):
+  config = config_for(root)
+  config.num_steps = config.checkpoint_every = PREEMPT_STEPS
+  config.log_every = 1
+  config.tokenizer_dir = str(root / 'run' / 'tokenizer')
+  return config
+
+
+def without_evaluation(stage):
+  return dataclasses.replace(stage, evaluate=lambda *args: {})
 
 
 def worker(root):
@@ -65,10 +85,71 @@ def worker(root):
       tokens_out=out('tokens') + '.npy', report=out('report') + '.json', progress=False))
 
 
+def preempted_worker(root):
+  """Trains until the test sends SIGTERM to one of the processes; prints the steps saved."""
+  root = pathlib.Path(root)
+  runtime.setup()
+  saved, save = [], checkpoint.StageCheckpoints.save
+
+  def record(self, step, *args, **kwargs):
+    saved.append(step)
+    return save(self, step, *args, **kwargs)
+
+  checkpoint.StageCheckpoints.save = record
+  workdir = os.path.join(root, 'run')
+  config = preempt_config(root)
+  try:
+    loop.train(config, workdir, without_evaluation(ar_stage.make_stage(config, workdir)))
+  finally:
+    print(f'process {jax.process_index()} saved steps {saved}', flush=True)
+
+
+WORKERS = {'train_and_sample': worker, 'preempted': preempted_worker}
+
+
 def free_port():
   with socket.socket() as s:
     s.bind(('127.0.0.1', 0))
     return s.getsockname()[1]
+
+
+def start_workers(root, mode):
+  """Starts the two worker processes of `mode`; each writes its output to <root>/<mode>_<i>.log."""
+  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=2',
+             JAX_PLATFORMS='cpu', JAX_COORDINATOR_ADDRESS=f'127.0.0.1:{free_port()}',
+             JAX_NUM_PROCESSES='2', PYTHONPATH=os.pathsep.join([REPO, os.path.join(
+                 REPO, 'tests')]))
+  procs = []
+  for i in range(2):
+    with open(root / f'{mode}_{i}.log', 'w') as out:
+      procs.append(subprocess.Popen(
+          [sys.executable, os.path.abspath(__file__), mode, str(root)], cwd=REPO,
+          env=dict(env, JAX_PROCESS_ID=str(i)), stdout=out, stderr=subprocess.STDOUT))
+  return procs
+
+
+def finish_workers(root, mode, procs, timeout):
+  """Waits for both workers, killing them after `timeout` s (then fails); returns the logs."""
+  deadline = time.time() + timeout
+  try:
+    for p in procs:
+      p.wait(timeout=max(deadline - time.time(), 1))
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+  return [(root / f'{mode}_{i}.log').read_text() for i in range(2)]
+
+
+def wait_for_line(root, mode, procs, text, timeout):
+  """Waits until process 0's log shows `text`; fails if a worker ends first."""
+  deadline = time.time() + timeout
+  while text not in (root / f'{mode}_0.log').read_text():
+    if time.time() > deadline or any(p.poll() is not None for p in procs):
+      logs = finish_workers(root, mode, procs, timeout=1)
+      pytest.fail(f'process 0 never logged {text!r}:\n' + '\n'.join(
+          log[-3000:] for log in logs))
+    time.sleep(0.1)
 
 
 @pytest.fixture(scope='module')
@@ -76,19 +157,8 @@ def two_processes(tmp_path_factory):
   root = tmp_path_factory.mktemp('multihost')
   test_sharding.write_data(root)
   test_sharding.write_tokenizer(str(root / 'run' / 'tokenizer'))
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=2',
-             JAX_PLATFORMS='cpu', JAX_COORDINATOR_ADDRESS=f'127.0.0.1:{free_port()}',
-             JAX_NUM_PROCESSES='2', PYTHONPATH=os.pathsep.join([REPO, os.path.join(
-                 REPO, 'tests')]))
-  procs = [subprocess.Popen([sys.executable, os.path.abspath(__file__), str(root)], cwd=REPO,
-                            env=dict(env, JAX_PROCESS_ID=str(i)), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True) for i in range(2)]
-  try:
-    logs = [p.communicate(timeout=400)[0] for p in procs]
-  finally:
-    for p in procs:
-      if p.poll() is None:
-        p.kill()
+  procs = start_workers(root, 'train_and_sample')
+  logs = finish_workers(root, 'train_and_sample', procs, timeout=400)
   for i, (p, log) in enumerate(zip(procs, logs)):
     assert p.returncode == 0, f'worker {i} failed:\n{log[-4000:]}'
   return root, logs
@@ -136,6 +206,35 @@ def test_two_processes_sample_the_tokens_of_one(two_processes):
   np.testing.assert_array_equal(np.load(root / 'tokens_0.npy'), one.tokens)
 
 
+def test_sigterm_on_one_process_stops_both_at_one_step(tmp_path, monkeypatch, capsys):
+  root = tmp_path
+  test_sharding.write_data(root)
+  test_sharding.write_tokenizer(str(root / 'run' / 'tokenizer'))
+  procs = start_workers(root, 'preempted')
+  wait_for_line(root, 'preempted', procs, f'[ar] step {SIGTERM_AFTER}/', timeout=120)
+  procs[1].send_signal(signal.SIGTERM)  # process 0 is not told
+  logs = finish_workers(root, 'preempted', procs, timeout=60)  # a hang fails here
+
+  saved = [re.findall(r'process \d saved steps \[(.*)\]', log) for log in logs]
+  assert [p.returncode for p in procs] == [143, 143], '\n'.join(log[-3000:] for log in logs)
+  assert saved[0] == saved[1] and len(saved[0]) == 1 and saved[0][0].isdigit(), saved
+  stop = int(saved[0][0])  # one save, at the same step on both processes
+  assert SIGTERM_AFTER < stop < PREEMPT_STEPS
+  assert f'[ar] stopped by SIGTERM at step {stop} (saved)' in logs[0]
+  assert checkpoint.StageCheckpoints(str(root / 'run' / 'ar')).latest_step() == stop
+
+  # Rerun (here one process on 4 devices): resumes at that step.
+  monkeypatch.setattr(sharding, 'mesh_from_config', lambda c: test_sharding.mesh_of(4, 1))
+  config = preempt_config(root)
+  config.num_steps = stop + 1
+  workdir = str(root / 'run')
+  capsys.readouterr()
+  state, _ = loop.train(config, workdir,
+                        without_evaluation(ar_stage.make_stage(config, workdir)))
+  assert re.search(rf'resumed from \S+ at step {stop}\n', capsys.readouterr().out)
+  assert int(state.step) == stop + 1
+
+
 @pytest.mark.parametrize('env,expected', [
     ({}, False),
     ({'JAX_COORDINATOR_ADDRESS': '10.0.0.1:1234', 'JAX_NUM_PROCESSES': '4'}, True),
@@ -167,4 +266,4 @@ def test_a_process_id_is_required(monkeypatch):
 
 
 if __name__ == '__main__':
-  worker(sys.argv[1])
+  WORKERS[sys.argv[1]](sys.argv[2])

@@ -79,22 +79,41 @@ def log(msg):
     print(msg, flush=True)
 
 
-class _StopRequested:
-  """Turns SIGTERM into a clean stop (checkpoint, then exit) instead of lost work."""
+class _Preemption:
+  """Turns SIGTERM into a clean stop (checkpoint, then exit) instead of lost work.
 
-  def __init__(self):
-    self.requested = False
+  One process: a Python handler sets a flag, read after every step. Several processes:
+  the checkpoint is one collective save, so all of them must stop at the same step, while
+  SIGTERM may reach only some. JAX's preemption service (started by
+  jax.distributed.initialize) catches SIGTERM on any process and agrees on the step after
+  the furthest one any process has reached; `stop_after(step)` is true there on every
+  process. A Python handler would replace the service's, so none is installed then.
+  """
 
   def __enter__(self):
-    self._old = signal.signal(signal.SIGTERM, self._handle)
+    self._requested = False
+    self._use_service = jax.distributed.is_initialized()
+    self._installed = not self._use_service
+    if self._installed:
+      self._old = signal.signal(signal.SIGTERM, self._handle)
     return self
 
   def _handle(self, signum, frame):
     del signum, frame
-    self.requested = True
+    self._requested = True
+
+  def stop_after(self, step):
+    """Whether to save and stop after `step`; call it after every step, in order."""
+    if self._use_service:
+      try:
+        return multihost_utils.reached_preemption_sync_point(step)
+      except RuntimeError:  # jax_enable_preemption_service is off: SIGTERM just ends us.
+        self._use_service = False
+    return self._requested
 
   def __exit__(self, *exc):
-    signal.signal(signal.SIGTERM, self._old)
+    if self._installed:
+      signal.signal(signal.SIGTERM, self._old)
 
 
 def build_train_step(stage, tx):
@@ -181,7 +200,7 @@ def train(config, workdir, stage):
       batches = pipeline.Batches(source, config.batch_size, config.seed, start_step=start)
       metrics_path = os.path.join(stage_dir, 'metrics.jsonl')
       t0, steps_done, pending = time.time(), 0, []
-      with _StopRequested() as stop, _committing(ckpts):
+      with _Preemption() as preemption, _committing(ckpts):
         for step in range(start, config.num_steps):
           batch = sharding.global_batch(next(batches), mesh)
           state, metrics = step_fn(state, frozen, batch,
@@ -189,7 +208,8 @@ def train(config, workdir, stage):
           pending.append(metrics)
           steps_done += 1
           done = step + 1
-          if done % config.log_every == 0 or done == config.num_steps or stop.requested:
+          stop = preemption.stop_after(done)
+          if done % config.log_every == 0 or done == config.num_steps or stop:
             host = {k: float(jnp.mean(jnp.stack([m[k] for m in pending])))
                     for k in pending[0]}
             pending = []
@@ -202,13 +222,12 @@ def train(config, workdir, stage):
             if jax.process_index() == 0:
               with open(metrics_path, 'a') as f:
                 f.write(json.dumps(dict(host, step=done, steps_per_s=rate)) + '\n')
-          if done % config.checkpoint_every == 0 or done == config.num_steps or (
-              stop.requested):
+          if done % config.checkpoint_every == 0 or done == config.num_steps or stop:
             ckpts.save(done, state.params, _train_item(state), force=True)
             last_saved = done
-          if stop.requested:
+          if stop:
             ckpts.wait()
-            log(f'[{stage.name}] stopped by SIGTERM at step {done}; rerun the same '
+            log(f'[{stage.name}] stopped by SIGTERM at step {done} (saved); rerun the same '
                 'command to resume.')
             raise SystemExit(143)
     log(f'[{stage.name}] evaluating ...')
