@@ -21,6 +21,7 @@ from ssd_jax.models import heads as heads_lib
 from ssd_jax.models import mulo as mulo_lib
 from ssd_jax.models import transformer
 from ssd_jax.models import vq
+from ssd_jax.models import vq16
 from ssd_jax.training import checkpoint
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -28,7 +29,10 @@ DEFAULT_RELEASE = os.path.join(REPO_ROOT, 'checkpoints', 'fmnist')
 
 
 def tokenizer_module(spec):
-  return vq.VQTokenizer(**spec['tokenizer'])
+  kw = dict(spec['tokenizer'])
+  if kw.pop('kind', 'vq') == 'vq16':  # LlamaGen's VQ-16 (ssd_jax/importers/llamagen.py)
+    return vq16.VQ16Tokenizer(**dict(kw, channel_mult=tuple(kw['channel_mult'])))
+  return vq.VQTokenizer(**kw)
 
 
 def transformer_module(spec):
