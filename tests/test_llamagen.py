@@ -1,6 +1,7 @@
 """LlamaGen import: our modules reproduce LlamaGen's own PyTorch outputs (golden files made by
 scripts/llamagen_golden.py on tiny random models), and bad checkpoints are refused by name."""
 
+import argparse
 import json
 import os
 import sys
@@ -154,7 +155,6 @@ def test_existing_run_is_not_overwritten(run_dir, capsys):
 
 def test_pickles_need_trust_and_ema_is_preferred(tmp_path, capsys, ar):
   torch = pytest.importorskip('torch')
-  import argparse  # pylint: disable=import-outside-toplevel
   ema = {k: torch.from_numpy(v.astype(np.float32)) for k, v in load_file(GPT).items()}
   model = {k: torch.zeros_like(v) for k, v in ema.items()}
   path = str(tmp_path / 'train.pt')
