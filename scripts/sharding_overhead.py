@@ -28,6 +28,7 @@ from configs import ar as ar_config  # pylint: disable=g-import-not-at-top,wrong
 from ssd_jax import pretrained  # pylint: disable=g-import-not-at-top,wrong-import-position
 from ssd_jax import runtime  # pylint: disable=g-import-not-at-top,wrong-import-position
 from ssd_jax import sharding  # pylint: disable=g-import-not-at-top,wrong-import-position
+from ssd_jax.decoding import registry  # pylint: disable=g-import-not-at-top,wrong-import-position
 from ssd_jax.decoding import engine  # pylint: disable=g-import-not-at-top,wrong-import-position
 from ssd_jax.decoding import sampling as sampling_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
 from ssd_jax.decoding import target as target_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -45,16 +46,22 @@ def random_bundle():
       k, jnp.zeros((1, model.num_tokens), jnp.int32), jnp.zeros((1,), jnp.int32)))['params'])(k1)
   head_params = jax.jit(lambda k: sharding.strip_boxes(heads.init(
       k, jnp.zeros((1, model.dim)), jnp.zeros((1, model.dim))))['params'])(k2)
-  return pretrained.Bundle('random', None, None, model, params, heads, head_params)
+  return pretrained.Bundle('random', None, None, model, params,
+                           stages={'heads': pretrained.Stage(heads, head_params)})
 
 
-def build_replicated(bundle, method, sampling, options, mesh):
+def build_replicated(bundle, method, sampling, mesh):
   """build_decoder as it was: everything replicated, traced outside any mesh context."""
-  target = target_lib.Target(bundle.model, sampling)
-  fn = engine.get_method(method).build(bundle, target, options)
+  spec = registry.get(method)
+  options = spec.make_options()
+
+  def fn(params, labels, keys, values):
+    target = target_lib.Target(bundle.model, sampling.processing(values))
+    return spec.build(bundle, target, options)(params, labels, keys)
+
   batch = sharding.batch_sharding(mesh)
-  params = jax.device_put(engine._params(bundle), sharding.replicated(mesh))  # pylint: disable=protected-access
-  return jax.jit(fn, in_shardings=(sharding.replicated(mesh), batch, batch)), params
+  rep = sharding.replicated(mesh)
+  return jax.jit(fn, in_shardings=(rep, batch, batch, rep))
 
 
 def compiled_ops(compiled):
@@ -81,24 +88,24 @@ def main():
   bundle = pretrained.load(args.checkpoint) if args.checkpoint else random_bundle()
   mesh = sharding.make_mesh(1, 1, devices=jax.devices()[:1])
   sampling = sampling_lib.Sampling(temperature=1.0, cfg_scale=2.0)
-  options = engine.Options()
-  labels = sharding.put_batch(engine.class_labels(args.batch_size, bundle.model.num_classes),
-                              mesh)
-  keys = sharding.put_batch(engine.image_keys(0, 0, args.batch_size), mesh)
+  labels = engine.class_labels(args.batch_size, bundle.model.num_classes)
+  keys = engine.image_keys(0, 0, args.batch_size)
   print(f'{jax.devices()[0].device_kind}, {os.cpu_count()} cores; batch {args.batch_size}, '
         f'{args.repeats} runs each, median seconds per batch')
   for method in args.methods.split(','):
-    paths = {'replicated': build_replicated(bundle, method, sampling, options, mesh),
-             'sharded': engine.build_decoder(bundle, method, sampling, options, mesh)[:2]}
+    decoder = engine.build_decoder(bundle, method, sampling, mesh=mesh)
+    inputs = decoder.inputs(labels, keys)
+    paths = {'replicated': build_replicated(bundle, method, sampling, mesh),
+             'sharded': decoder.jitted}
     compiled, compile_s, times, tokens = {}, {}, {k: [] for k in paths}, {}
-    for name, (fn, params) in paths.items():
+    for name, fn in paths.items():
       t0 = time.perf_counter()
-      compiled[name] = fn.lower(params, labels, keys).compile()
+      compiled[name] = fn.lower(*inputs).compile()
       compile_s[name] = time.perf_counter() - t0
     for _ in range(args.repeats):
-      for name, (_, params) in paths.items():
+      for name in paths:
         t0 = time.perf_counter()
-        out, _ = compiled[name](params, labels, keys)
+        out, _ = compiled[name](*inputs)
         tokens[name] = np.asarray(out)
         times[name].append(time.perf_counter() - t0)
     same = np.array_equal(tokens['replicated'], tokens['sharded'])

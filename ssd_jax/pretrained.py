@@ -128,23 +128,35 @@ def load_stage(stage_dir, stage, shardings=None, mesh=None, rules=None):
 
 
 @dataclasses.dataclass
+class Stage:
+  """One trained stage: its module, parameters and results.json (None if absent)."""
+  module: Any
+  params: Any
+  results: Optional[dict] = None
+
+
+@dataclasses.dataclass(eq=False)
 class Bundle:
-  """Everything sampling needs from a run folder."""
+  """Everything sampling needs from a run folder: the backbone (ar/), the tokenizer (when
+  the run has one) and the further stages the chosen methods need, by stage name."""
   run_dir: str
-  tokenizer: vq.VQTokenizer
+  tokenizer: Optional[vq.VQTokenizer]
   tokenizer_params: Any
   model: transformer.Transformer
   params: Any
-  heads: Optional[heads_lib.NeighbourHeads] = None
-  heads_params: Any = None
   class_names: tuple = ()
-  heads_results: Optional[dict] = None  # heads/results.json: per-head acceptance
-  mulo_draft: Optional[transformer.Transformer] = None  # MuLo-SD's low-res drafter
-  mulo_draft_params: Any = None
-  mulo_upsampler: Optional[mulo_lib.Upsampler] = None  # ... and its upsampler
-  mulo_upsampler_params: Any = None
-  hawk: Optional[hawk_lib.HawkDrafter] = None  # Hawk's 2D draft model (hawk_draft/)
-  hawk_params: Any = None
+  stages: dict = dataclasses.field(default_factory=dict)  # name -> Stage (heads, ...)
+  # Values derived from the stages, kept across decoders (codebook constants, compiled
+  # decoders); see ssd_jax/decoding/codebook.py and engine.py.
+  constants: dict = dataclasses.field(default_factory=dict)
+
+  def stage(self, name):
+    """The Stage called `name` ('ar', 'tokenizer' or one in `stages`), or None."""
+    if name == 'ar':
+      return Stage(self.model, self.params)
+    if name == 'tokenizer':
+      return Stage(self.tokenizer, self.tokenizer_params) if self.tokenizer else None
+    return self.stages.get(name)
 
   @functools.cached_property
   def _decode(self):  # compiled once per bundle, reused by every decode_images call
@@ -153,50 +165,72 @@ class Bundle:
 
   def decode_images(self, tokens, batch_size=256):
     """tokens [N, H, W] -> uint8 images [N, 28, 28, C]."""
+    if self.tokenizer is None:
+      raise ValueError(f'{self.run_dir} has no tokenizer/ stage, so its tokens cannot be '
+                       'decoded to images; keep the tokens (--tokens_out) instead.')
     tokens = np.asarray(tokens)
     return np.concatenate([np.asarray(self._decode(self.tokenizer_params,
                                                    tokens[i:i + batch_size]))
                            for i in range(0, len(tokens), batch_size)])
 
 
-def load(run_dir=None, need_heads=False):
-  run_dir = run_dir or DEFAULT_RELEASE
+def _stage_command(stage, run_dir):
+  return f'`python train.py --config=configs/{stage}.py --workdir={run_dir}`'
+
+
+def check_run_dir(run_dir):
+  """Refuses a checkpoint path that is not a run folder, before anything loads."""
+  if os.path.isfile(run_dir):
+    raise FileNotFoundError(f'--checkpoint={run_dir} is a file; pass the run folder that '
+                            'holds tokenizer/ and ar/ (e.g. checkpoints/fmnist).')
   if not os.path.isdir(run_dir):
-    raise FileNotFoundError(f'checkpoint folder {run_dir} does not exist; pass --checkpoint '
-                            'with a run folder holding tokenizer/ and ar/ (and heads/).')
-  tok, tok_params, _ = load_stage(os.path.join(run_dir, 'tokenizer'), 'tokenizer')
+    raise FileNotFoundError(f'--checkpoint={run_dir} does not exist; pass a run folder '
+                            'holding tokenizer/ and ar/ (e.g. checkpoints/fmnist).')
+  if not os.path.isdir(os.path.join(run_dir, 'ar')):
+    raise FileNotFoundError(f'--checkpoint={run_dir} has no ar/ stage, so it is not a run '
+                            'folder; train one with '
+                            f'{_stage_command("ar", run_dir)} or pass checkpoints/fmnist.')
+
+
+def load(run_dir=None, stages=()):
+  """The Bundle of `run_dir` (default: the release) with the named further stages.
+
+  A stage the caller needs but the run lacks is refused with the command that trains it.
+  """
+  run_dir = run_dir or DEFAULT_RELEASE
+  check_run_dir(run_dir)
+  stages = [s for s in dict.fromkeys(stages) if s not in ('ar', 'tokenizer')]
+  for stage in stages:
+    if stage not in MODULES:
+      raise ValueError(f'unknown stage {stage!r}; stages are {", ".join(MODULES)}.')
+    if not checkpoint.StageCheckpoints(os.path.join(run_dir, stage)).exists():
+      raise FileNotFoundError(f'{run_dir} has no trained {stage}/ stage; train it with '
+                              f'{_stage_command(stage, run_dir)} or pick another --method.')
+  tok = tok_params = None
+  if os.path.isdir(os.path.join(run_dir, 'tokenizer')):
+    tok, tok_params, _ = load_stage(os.path.join(run_dir, 'tokenizer'), 'tokenizer')
   model, params, spec = load_stage(os.path.join(run_dir, 'ar'), 'ar')
-  heads_dir = os.path.join(run_dir, 'heads')
-  heads = heads_params = heads_results = None
-  if os.path.isdir(heads_dir):
-    heads, heads_params, _ = load_stage(heads_dir, 'heads')
-    results_path = os.path.join(heads_dir, 'results.json')
-    if os.path.exists(results_path):
-      heads_results = checkpoint.load_json(results_path)
-  elif need_heads:
-    raise FileNotFoundError(f'{heads_dir} not found: this method drafts with neighbour heads; '
-                            'train them with `python train.py --config=configs/heads.py`.')
-  bundle = Bundle(run_dir, tok, tok_params, model, params, heads, heads_params,
-                  tuple(spec.get('class_names', ())), heads_results)
-  for stage in ('mulo_draft', 'mulo_upsampler'):  # MuLo-SD's, once they have a checkpoint
+  bundle = Bundle(run_dir, tok, tok_params, model, params, tuple(spec.get('class_names', ())))
+  for stage in stages:
     stage_dir = os.path.join(run_dir, stage)
-    if checkpoint.StageCheckpoints(stage_dir).exists():
-      module, stage_params, _ = load_stage(stage_dir, stage)
-      setattr(bundle, stage, module)
-      setattr(bundle, stage + '_params', stage_params)
-  hawk_dir = os.path.join(run_dir, 'hawk_draft')
-  if os.path.isdir(hawk_dir):
-    bundle.hawk, bundle.hawk_params, _ = load_stage(hawk_dir, 'hawk_draft')
+    module, stage_params, _ = load_stage(stage_dir, stage)
+    results_path = os.path.join(stage_dir, 'results.json')
+    results = checkpoint.load_json(results_path) if os.path.exists(results_path) else None
+    bundle.stages[stage] = Stage(module, stage_params, results)
   check_consistent(bundle)
   return bundle
 
 
 def check_consistent(bundle):
-  grid = (bundle.tokenizer_params['codebook'].shape[0],)
-  if bundle.model.vocab_size != grid[0]:
-    raise ValueError(f'{bundle.run_dir}: the AR model has a vocabulary of '
-                     f'{bundle.model.vocab_size} but the tokenizer has {grid[0]} codes; the '
-                     'stages come from different runs.')
-  if bundle.heads is not None and bundle.heads.dim != bundle.model.dim:
-    raise ValueError(f'{bundle.run_dir}: heads of width {bundle.heads.dim} do not fit a '
-                     f'backbone of width {bundle.model.dim}; retrain the heads stage.')
+  """Refuses stages that do not fit the backbone (they come from different runs)."""
+  if bundle.tokenizer is not None:
+    codes = bundle.tokenizer.codebook_size
+    if bundle.model.vocab_size != codes:
+      raise ValueError(f'{bundle.run_dir}: the AR model has a vocabulary of '
+                       f'{bundle.model.vocab_size} but the tokenizer has {codes} codes; the '
+                       'stages come from different runs.')
+  for name, stage in bundle.stages.items():
+    width = getattr(stage.module, 'dim', None)
+    if name in ('heads', 'hawk_draft') and width != bundle.model.dim:
+      raise ValueError(f'{bundle.run_dir}: the {name} stage has width {width}, which does '
+                       f'not fit a backbone of width {bundle.model.dim}; retrain it.')

@@ -1,4 +1,8 @@
-"""sample.py's job: sample images with one method (optionally AR alongside) and report."""
+"""sample.py's job: sample images with one method (optionally AR alongside) and report.
+
+Everything a user can get wrong is checked before the checkpoint loads: the method and its
+options, the sampling settings, the output paths (writable), the mesh.
+"""
 
 import dataclasses
 import json
@@ -8,48 +12,41 @@ from typing import Optional, Sequence
 import jax
 import numpy as np
 
+from ssd_jax import cli
 from ssd_jax import images as image_io
 from ssd_jax import pretrained
 from ssd_jax import sharding
 from ssd_jax.decoding import engine
+from ssd_jax.decoding import registry
 from ssd_jax.decoding import sampling as sampling_lib
+
+arg = cli.arg
 
 
 @dataclasses.dataclass
 class SampleArgs:
-  method: str = 'ssd'
-  num_images: int = 16
-  batch_size: int = 16
-  classes: Optional[Sequence[int]] = None
-  cfg_scale: float = 2.0
-  temperature: float = 1.0
-  top_k: int = 0
-  top_p: float = 1.0
-  seed: int = 0
-  ssd_rounds: int = 1
-  draft_len: int = 4
-  sjd_window: int = engine.Options.sjd_window
-  sjd_init: str = engine.Options.sjd_init
-  gsd_rank_window: int = engine.Options.gsd_rank_window
-  gsd_prob_threshold: float = engine.Options.gsd_prob_threshold
-  gsd_dist_threshold: float = engine.Options.gsd_dist_threshold
-  lantern_k: int = engine.Options.lantern_k
-  lantern_delta: float = engine.Options.lantern_delta
-  zipar_window: int = engine.Options.zipar_window
-  hawk_draft_len: int = engine.Options.hawk_draft_len
-  mulo_tau: float = engine.Options.mulo_tau
-  mulo_k: int = engine.Options.mulo_k
-  mulo_radius: int = engine.Options.mulo_radius
-  mulo_lanes: int = engine.Options.mulo_lanes
-  checkpoint: Optional[str] = None
-  out: Optional[str] = 'samples.png'
-  out_dir: Optional[str] = None
-  tokens_out: Optional[str] = None
-  report: Optional[str] = None
-  compare_ar: bool = False
-  mesh_data: int = -1
-  mesh_model: int = 1
-  progress: bool = True
+  """sample.py's arguments (the method's own knobs come as --<method>_<field>)."""
+  method: str = arg('ssd', 'Decoding method (registry.names()).')
+  num_images: int = arg(16, 'Images to sample.')
+  batch_size: int = arg(16, 'Images per decoding batch.')
+  classes: Optional[Sequence[int]] = arg(None, 'Comma list of class ids, cycled (default: '
+                                         'all classes cycled).')
+  cfg_scale: float = arg(2.0, 'Classifier-free guidance (1 = off).')
+  temperature: float = arg(1.0, 'Sampling temperature (0 = greedy).')
+  top_k: int = arg(0, 'Top-k filter (0 = off).')
+  top_p: float = arg(1.0, 'Top-p (nucleus) filter (1 = off).')
+  seed: int = arg(0, 'Image i uses key fold_in(key(seed), i).')
+  checkpoint: Optional[str] = arg(None, 'Run folder (default: checkpoints/fmnist).')
+  out: Optional[str] = arg('samples.png', 'PNG grid of all images ("" = none).')
+  out_dir: Optional[str] = arg(None, 'Folder for one PNG per image.')
+  tokens_out: Optional[str] = arg(None, '.npy of the token grids [N, H, W].')
+  report: Optional[str] = arg(None, 'JSON report path.')
+  compare_ar: bool = arg(False, 'Also run plain AR on the same classes and seeds and report '
+                         'the speed-up.')
+  mesh_data: int = arg(-1, 'Devices on the data axis (-1: all).')
+  mesh_model: int = arg(1, 'Devices on the model axis.')
+  progress: bool = arg(True, 'Show progress bars.')
+  options: Optional[dict] = None  # the method's knobs {field: value}; None = its defaults
 
 
 def summary_line(report):
@@ -63,18 +60,35 @@ def summary_line(report):
   return line
 
 
-def run(args: SampleArgs):
+def check(args: SampleArgs):
+  """(method, options, sampling) for `args`, refusing anything bad before work starts."""
+  method = registry.get(args.method)
+  options = engine.resolve_options(method, args.options)  # bundle-free checks first
   sampling = sampling_lib.Sampling(temperature=args.temperature, top_k=args.top_k,
                                    top_p=args.top_p, cfg_scale=args.cfg_scale)
-  method = engine.get_method(args.method)  # fail on a bad name before loading anything
-  options = engine.Options(**{f.name: getattr(args, f.name)
-                              for f in dataclasses.fields(engine.Options)
-                              if hasattr(args, f.name)}).validate()
-  bundle = pretrained.load(args.checkpoint, need_heads=method.needs_heads)
+  sampling.validate(vocab_size=float('inf'))  # the vocabulary bound is checked on load
+  if args.num_images < 1:
+    raise ValueError(f'--num_images={args.num_images} must be >= 1.')
+  if args.batch_size < 1:
+    raise ValueError(f'--batch_size={args.batch_size} must be >= 1.')
   mesh = sharding.make_mesh(args.mesh_data, args.mesh_model)
+  sharding.check_divisible(args.batch_size, mesh)
+  cli.check_writable(args.out, 'out')
+  cli.check_writable(args.out_dir, 'out_dir', folder=True)
+  cli.check_writable(args.tokens_out, 'tokens_out')
+  cli.check_writable(args.report, 'report')
+  return method, options, sampling, mesh
+
+
+def run(args: SampleArgs):
+  method, options, sampling, mesh = check(args)
+  bundle = pretrained.load(args.checkpoint, stages=method.needs)
+  if (args.out or args.out_dir) and bundle.tokenizer is None:
+    raise ValueError(f'{bundle.run_dir} has no tokenizer/ stage, so no images can be made; '
+                     "pass --out='' and --tokens_out=FILE.npy to keep the token grids.")
   common = dict(num_images=args.num_images, batch_size=args.batch_size, classes=args.classes,
-                seed=args.seed, options=options, mesh=mesh, progress=args.progress)
-  result = engine.generate(bundle, args.method, sampling, **common)
+                seed=args.seed, mesh=mesh, progress=args.progress)
+  result = engine.generate(bundle, args.method, sampling, options=options, **common)
   report = dict(result.stats, checkpoint=bundle.run_dir)
   if args.compare_ar:
     base = engine.generate(bundle, 'ar', sampling, **common)
@@ -103,9 +117,7 @@ def _write_outputs(args, bundle, result, report):
       name = names[label] if label < len(names) else f'class{label}'
       image_io.save_png(os.path.join(args.out_dir, f'{i:05d}_{name}.png'), image, scale=1)
   if args.tokens_out:
-    os.makedirs(os.path.dirname(os.path.abspath(args.tokens_out)), exist_ok=True)
     np.save(args.tokens_out, result.tokens)
   if args.report:
-    os.makedirs(os.path.dirname(os.path.abspath(args.report)), exist_ok=True)
     with open(args.report, 'w') as f:
       json.dump(report, f, indent=1, default=str)

@@ -7,8 +7,6 @@ compiles, and the acceptance rules agree where they should. That sampled `specul
 has the target's exact distribution is tested in test_decoding_distribution.py.
 """
 
-import dataclasses
-import functools
 import os
 import re
 
@@ -17,14 +15,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import helpers  # pylint: disable=g-bad-import-order
 from ssd_jax import pretrained
 from ssd_jax import sample_job
 from ssd_jax import sharding
 from ssd_jax.decoding import acceptance
 from ssd_jax.decoding import engine
 from ssd_jax.decoding import sampling as sampling_lib
-from ssd_jax.models import heads as heads_lib
-from ssd_jax.models import transformer
 
 Sampling = sampling_lib.Sampling
 
@@ -36,68 +33,20 @@ LABELS = np.array([0, 1, 2, 1, 0, 2, 2, 1], np.int32)  # batch 8, mixed classes
 RELEASE_HEADS = os.path.join(pretrained.DEFAULT_RELEASE, 'heads', 'model.json')
 
 
-def tiny_bundle(seed=0):
-  """A random 2-layer backbone and neighbour heads, as a Bundle the engine accepts.
-
-  The lm_head is scaled up so logits are peaked: argmax near-ties, where float noise between
-  a one-token pass and a block pass could flip a greedy token, become negligible. Random
-  heads would see almost every greedy draft rejected, leaving acceptance untested, so their
-  first layer is pushed towards [I; 0] (predict the neighbour's state as the source's own),
-  which the repetitive random model accepts often enough.
-  """
-  model = transformer.Transformer(vocab_size=VOCAB, num_classes=NUM_CLASSES, grid=GRID,
-                                  num_layers=2, dim=DIM, num_heads=2, mlp_dim=64)
-  heads = heads_lib.NeighbourHeads(num_horizontal=3, num_vertical=1, dim=DIM, mlp_dim=32)
-
-  init = jax.jit(functools.partial(init_peaked_with_copying_heads, model, heads))  # one compile
-  params, head_params = init(jax.random.key(seed))
-  return pretrained.Bundle('tiny-random', None, None, model, params, heads, head_params)
-
-
-def init_peaked_with_copying_heads(model, heads, key):
-  """(backbone params with an lm_head scaled by 8, head params whose w0 is pushed to [I; 0])."""
-  k_model, k_heads = jax.random.split(key)
-  params = sharding.strip_boxes(model.init(
-      k_model, jnp.zeros((1, model.num_tokens), jnp.int32), jnp.zeros((1,), jnp.int32)))
-  params['params']['lm_head']['kernel'] *= 8
-  dim = model.dim
-  head_params = sharding.strip_boxes(heads.init(k_heads, jnp.zeros((1, dim)),
-                                                jnp.zeros((1, dim))))['params']
-  copy = jnp.concatenate([jnp.eye(dim), jnp.zeros((dim, dim))])
-  return params['params'], {name: dict(p, w0={'kernel': p['w0']['kernel'] + copy})
-                            for name, p in head_params.items()}
-
-
-def one_device_mesh():
-  return sharding.make_mesh(1, 1, devices=jax.devices()[:1])
-
-
 @pytest.fixture(scope='module')
 def tiny():
-  return tiny_bundle()
+  """A random 2-layer backbone with peaked logits and heads that copy their source state
+  (see helpers.heads_bundle), so drafts are both accepted and rejected."""
+  return helpers.heads_bundle(VOCAB, GRID)
 
 
 @pytest.fixture(scope='module')
 def decode(tiny):
-  """decode(method, sampling, labels, keys, **options) -> (tokens [B, N], stats) as numpy.
-
-  Goes through engine.build_decoder (the methods as sample.py builds them) and keeps each
-  jitted loop, so parametrizations that share a setting compile once.
-  """
-  compiled = {}
-  mesh = one_device_mesh()
-
+  """decode(method, sampling, labels, keys, **options) -> (tokens [B, N], stats) as numpy,
+  through engine.build_decoder (the methods as sample.py builds them; compiled once per
+  setting)."""
   def run(method, sampling, labels=LABELS, keys=None, **options):
-    options = engine.Options(**options)
-    if method == 'ar':
-      options = engine.Options()  # ar reads no option: share one loop
-    setting = (method, sampling, options)
-    if setting not in compiled:
-      compiled[setting] = engine.build_decoder(tiny, method, sampling, options, mesh)[:2]
-    fn, params = compiled[setting]
-    keys = engine.image_keys(0, 0, len(labels)) if keys is None else keys
-    tokens, stats = fn(params, jnp.asarray(labels), keys)
-    return np.asarray(tokens), jax.tree.map(np.asarray, stats)
+    return helpers.decode(tiny, method, sampling, labels, keys, options)
   return run
 
 
@@ -105,12 +54,12 @@ def decode(tiny):
 
 @pytest.mark.parametrize('cfg_scale,draft_len,horizontal_first', [
     (1.0, 1, 1), (1.0, 6, 3), (3.0, 4, 2)])
-def test_greedy_speculative_equals_ar(decode, cfg_scale, draft_len, horizontal_first):
+def test_greedy_speculative_equals_ar(tiny, decode, cfg_scale, draft_len, horizontal_first):
   sampling = Sampling(temperature=0.0, cfg_scale=cfg_scale)
   want, _ = decode('ar', sampling)
   got, stats = decode('speculative', sampling, draft_len=draft_len,
                       horizontal_first=horizontal_first)
-  np.testing.assert_array_equal(got, want)
+  helpers.assert_greedy_equal(tiny, got, want, LABELS, cfg_scale, 'speculative')
   # Equality is only informative if drafts were accepted (and others rejected).
   assert 0 < stats['accepted_drafts'].sum() < len(LABELS) * (GRID[0] * GRID[1] - 1)
 
@@ -127,9 +76,8 @@ def check_generate_lossless(bundle, cfg_scale, num_images, batch_size, mesh,
   assert spec.tokens.shape == base.tokens.shape == (num_images, h, w)
   assert len(set(base.labels.tolist())) > 1
   np.testing.assert_array_equal(spec.labels, base.labels)
-  diff = np.argwhere(spec.tokens != base.tokens)
-  assert not len(diff), (f'{method}, cfg {cfg_scale}: {len(diff)} tokens differ from AR, '
-                         f'first at (image, y, x) = {tuple(diff[0])}')
+  helpers.assert_greedy_equal(bundle, spec.tokens, base.tokens, base.labels, cfg_scale,
+                              f'{method}, cfg {cfg_scale}')
   assert base.stats['target_passes'] == base.stats['num_batches'] * h * w
   assert spec.stats['target_passes'] <= base.stats['target_passes']
   return base, spec
@@ -147,22 +95,20 @@ def release():
   if not os.path.exists(RELEASE_HEADS):
     pytest.skip(f'the released checkpoint is not trained yet ({RELEASE_HEADS} is missing); '
                 'train checkpoints/fmnist with configs/tokenizer.py, ar.py and heads.py')
-  return pretrained.load(need_heads=True)
+  return pretrained.load(stages=('heads', 'hawk_draft'))
 
 
 @pytest.mark.parametrize('cfg_scale', [1.0, 3.0])
 def test_release_greedy_speculative_equals_ar(release, cfg_scale):
   base, spec = check_generate_lossless(release, cfg_scale, num_images=8, batch_size=8,
-                                       mesh=one_device_mesh())
+                                       mesh=helpers.one_device_mesh())
   # Trained heads must save passes, not merely stay exact.
   assert spec.stats['target_passes'] < base.stats['target_passes']
 
 
 def test_release_greedy_hawk_equals_ar(release):
-  if release.hawk is None:
-    pytest.skip('the release has no hawk_draft stage; train configs/hawk_draft.py')
   base, hawk = check_generate_lossless(release, 2.0, num_images=8, batch_size=8,
-                                       mesh=one_device_mesh(), method='hawk')
+                                       mesh=helpers.one_device_mesh(), method='hawk')
   assert hawk.stats['target_passes'] < base.stats['target_passes']
 
 
@@ -203,17 +149,17 @@ def check_ssd_passes(stats, rounds):
 @pytest.mark.parametrize('rounds,temperature', [(0, 0.0), (1, 1.0), (2, 0.0)])
 def test_ssd_passes_follow_schedule(decode, rounds, temperature):
   tokens, stats = decode('ssd', Sampling(temperature=temperature), draft_len=3,
-                         horizontal_first=1, ssd_rounds=rounds)
+                         horizontal_first=1, rounds=rounds)
   assert ((tokens >= 0) & (tokens < VOCAB)).all()
   check_ssd_passes(stats, rounds)
 
 
-def test_greedy_ssd_with_w_minus_1_rounds_equals_ar(decode):
+def test_greedy_ssd_with_w_minus_1_rounds_equals_ar(tiny, decode):
   # Round j fixes position j of the row (Jacobi), so W - 1 rounds reach AR's row.
   sampling = Sampling(temperature=0.0, cfg_scale=3.0)
   rounds = GRID[1] - 1
-  tokens, stats = decode('ssd', sampling, draft_len=4, horizontal_first=2, ssd_rounds=rounds)
-  np.testing.assert_array_equal(tokens, decode('ar', sampling)[0])
+  tokens, stats = decode('ssd', sampling, draft_len=4, horizontal_first=2, rounds=rounds)
+  helpers.assert_greedy_equal(tiny, tokens, decode('ar', sampling)[0], LABELS, 3.0, 'ssd')
   check_ssd_passes(stats, rounds)
 
 
@@ -247,10 +193,11 @@ BAD_GENERATE = [
     (dict(sampling=Sampling(top_p=0.0)), '--top_p=0.0 must be in (0, 1]'),
     (dict(sampling=Sampling(top_p=1.5)), '--top_p=1.5 must be in (0, 1]'),
     (dict(method='no_such_method'), "unknown method 'no_such_method'"),
-    (dict(options=engine.Options(ssd_rounds=-1)), '--ssd_rounds=-1 must be >= 0'),
+    (dict(options={'rounds': -1}), '--ssd_rounds=-1 must be >= 0'),
     (dict(sampling=Sampling(cfg_scale=-1.0)), '--cfg_scale=-1.0 must be >= 0'),
-    (dict(options=engine.Options(draft_len=0)), '--draft_len=0 must be >= 1'),
-    (dict(options=engine.Options(horizontal_first=-1)), '--horizontal_first=-1 must be >= 0'),
+    (dict(options={'draft_len': 0}), '--ssd_draft_len=0 must be >= 1'),
+    (dict(options={'horizontal_first': -1}), '--ssd_horizontal_first=-1 must be >= 0'),
+    (dict(options={'window': 3}), "method 'ssd' has no option 'window'"),
     (dict(num_images=0), '--num_images=0 must be >= 1'),
 ]
 
@@ -264,8 +211,8 @@ def test_generate_refuses_bad_input(tiny, no_compile, kwargs, message):
 
 
 def test_generate_refuses_head_methods_without_heads(tiny, no_compile):
-  headless = dataclasses.replace(tiny, heads=None, heads_params=None)
-  with pytest.raises(ValueError, match='has no heads/ stage'):
+  headless = helpers.bundle(tiny.model, tiny.params)
+  with pytest.raises(ValueError, match="method 'speculative' needs the heads/ stage"):
     engine.generate(headless, 'speculative', Sampling(), num_images=8, batch_size=8,
                     progress=False)
 
@@ -277,8 +224,10 @@ BAD_SAMPLE_ARGS = [
     (dict(temperature=-1.0), '--temperature=-1.0 must be >= 0'),
     (dict(top_k=VOCAB + 1), f'--top_k={VOCAB + 1} must be in [0, {VOCAB}]'),
     (dict(top_p=0.0), '--top_p=0.0 must be in (0, 1]'),
-    (dict(ssd_rounds=-1), '--ssd_rounds=-1 must be >= 0'),
+    (dict(options={'rounds': -1}), '--ssd_rounds=-1 must be >= 0'),
     (dict(num_images=0), '--num_images=0 must be >= 1'),
+    (dict(out='/proc/ssd_jax_no_such_dir/x.png'), '--out=/proc/ssd_jax_no_such_dir/x.png '
+     'cannot be written'),
 ]
 
 
@@ -289,11 +238,14 @@ def test_sample_job_refuses_bad_input(tiny, no_compile, monkeypatch, tmp_path, k
   monkeypatch.setattr(pretrained, 'load', lambda *a, **k: loads.append(a) or tiny)
   args = sample_job.SampleArgs(num_images=16, batch_size=16, out=None,
                                report=str(tmp_path / 'report.json'), progress=False)
+  for key, value in kwargs.items():
+    setattr(args, key, value)
   with pytest.raises(ValueError, match=re.escape(message)):
-    sample_job.run(dataclasses.replace(args, **kwargs))
+    sample_job.run(args)
   assert not os.path.exists(args.report)
-  if 'method' in kwargs:
-    assert not loads
+  if set(kwargs) & {'method', 'options', 'num_images', 'batch_size', 'out', 'temperature',
+                    'top_p'}:
+    assert not loads  # refused before the checkpoint loads
 
 
 # --- acceptance rules ---------------------------------------------------------------------

@@ -1,56 +1,35 @@
 """sjd, gsd, lantern and zipar as engine methods, on tiny random models.
 
-Properties: greedy sjd is plain AR; sampled sjd has the target's exact distribution
-(checked against the distribution enumerated over every grid of a 2x3, 4-token model);
-gsd with an empty cluster is sjd and lantern with delta 0 is speculative decoding, token
-for token; zipar takes the passes its schedule implies (AR's with window = W) and row 0
-sees only what raster order allows; every knob's bad value is refused by name.
+Properties: greedy sjd is plain AR; sampled sjd (and gsd with empty clusters) has the
+target's exact distribution (checked against the distribution enumerated over every grid
+of a 2x3, 4-token model), and an injected broken rule fails the same checks; gsd with an
+empty cluster is sjd and lantern with delta 0 is speculative decoding, token for token;
+zipar takes the passes its schedule implies (AR's with window = W) and row 0 sees only
+what raster order allows; every knob's bad value is refused by name.
 """
 
-import dataclasses
-import itertools
-import math
 import re
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ssd_jax import pretrained
-from ssd_jax import sample_job
-from ssd_jax import sharding
+import helpers  # pylint: disable=g-bad-import-order
 from ssd_jax.decoding import acceptance
 from ssd_jax.decoding import engine
+from ssd_jax.decoding import registry
 from ssd_jax.decoding import sampling as sampling_lib
-from ssd_jax.decoding import target as target_lib
-from ssd_jax.decoding import zipar
-from ssd_jax.models import heads as heads_lib
-from ssd_jax.models import transformer
-from ssd_jax.models import vq
+from ssd_jax.decoding.methods import zipar
 
 GRID = (3, 4)
 VOCAB = 16
 
 
 def tiny_bundle(vocab, grid, seed=0, sharpen=12.0):
-  """A random 2-layer model (+ heads, + tokenizer codebook). `sharpen` scales the output
-  layer (peaked next-token distributions) and larger token embeddings make them depend
-  on the context."""
-  keys = jax.random.split(jax.random.key(seed), 3)
-  model = transformer.Transformer(vocab_size=vocab, num_classes=3, grid=grid, num_layers=2,
-                                  dim=32, num_heads=2, mlp_dim=64)
-  n = grid[0] * grid[1]
-  params = sharding.strip_boxes(model.init(keys[0], jnp.zeros((1, n), jnp.int32),
-                                           jnp.zeros((1,), jnp.int32))['params'])
-  params['lm_head']['kernel'] = params['lm_head']['kernel'] * sharpen
-  params['token_embed']['embedding'] = params['token_embed']['embedding'] * 25.0
-  heads = heads_lib.NeighbourHeads(num_horizontal=2, num_vertical=1, dim=32, mlp_dim=32)
-  heads_params = sharding.strip_boxes(heads.init(keys[1], jnp.zeros((1, 32)),
-                                                 jnp.zeros((1, 32)))['params'])
-  tok = vq.VQTokenizer(codebook_size=vocab, code_dim=4, channels=8, num_res_blocks=1)
-  tok_params = sharding.strip_boxes(tok.init(keys[2], jnp.zeros((1, 4, 4, 1)))['params'])
-  return pretrained.Bundle('tiny', tok, tok_params, model, params, heads, heads_params)
+  """A random 2-layer model (+ heads, + codebook): peaked next-token distributions that
+  depend on the context (large token embeddings)."""
+  return helpers.heads_bundle(vocab, grid, seed=seed, sharpen=sharpen, embed_scale=25.0,
+                              num_horizontal=2, copy=False, with_codes=True)
 
 
 @pytest.fixture(scope='module')
@@ -60,13 +39,13 @@ def bundle():
 
 @pytest.fixture(scope='module')
 def mesh():
-  return sharding.make_mesh(1, 1, devices=jax.devices()[:1])
+  return helpers.one_device_mesh()
 
 
 def run(bundle, mesh, method, sampling, num_images=8, seed=3, **options):
   return engine.generate(bundle, method, sampling, num_images=num_images,
                          batch_size=num_images, seed=seed, mesh=mesh, progress=False,
-                         options=engine.Options(**options))
+                         options=options)
 
 
 GREEDY = sampling_lib.Sampling(temperature=0.0, cfg_scale=2.0)
@@ -87,65 +66,87 @@ def sampled_ar(bundle, mesh):
 
 @pytest.mark.parametrize('init,window', [('left', 5), ('upper', 16)])
 def test_greedy_sjd_equals_ar(bundle, mesh, greedy_ar, init, window):
-  sjd = run(bundle, mesh, 'sjd', GREEDY, sjd_window=window, sjd_init=init)
-  np.testing.assert_array_equal(sjd.tokens, greedy_ar.tokens)
+  sjd = run(bundle, mesh, 'sjd', GREEDY, window=window, init=init)
+  helpers.assert_greedy_equal(bundle, sjd.tokens, greedy_ar.tokens, greedy_ar.labels,
+                              GREEDY.cfg_scale, f'sjd {init} {window}')
   assert sjd.stats['target_passes'] <= greedy_ar.stats['target_passes']
 
 
-def exact_distribution(bundle, sampling, label):
-  """P(grid) [V ** N] of every grid (itertools.product order) by teacher forcing."""
-  model, vocab = bundle.model, bundle.model.vocab_size
-  grids = np.array(list(itertools.product(range(vocab), repeat=model.num_tokens)), np.int32)
-  logits = [model.apply({'params': bundle.params}, grids, np.full(len(grids), c, np.int32))[0]
-            for c in ([label, model.null_class] if sampling.uses_cfg else [label])]
-  probs = target_lib.Target(model, sampling).probs(jnp.stack(logits))   # [M, N, V]
-  per_token = jnp.take_along_axis(probs, grids[..., None], -1)[..., 0]
-  return np.prod(np.asarray(per_token, np.float64), -1)
+DIST_N = 20480
+_accept_exact = acceptance.accept_exact
+_accept_grouped = acceptance.accept_grouped
 
 
-def tv_bound(p, n, alpha=1e-3):
-  """A bound TV(empirical, p) stays under with probability >= 1 - alpha for n draws:
-  E|p_hat_i - p_i| <= sd = sqrt(p_i (1 - p_i) / n) (Jensen), so E[TV] <= the first term;
-  TV moves by at most 1/n per draw, so McDiarmid adds sqrt(log(1 / alpha) / (2 n)).
-  Here the bound is ~0.064; exact sjd measured ~0.04, and a broken sjd that resamples
-  rejections from p instead of the residual 0.14-0.20."""
-  return 0.5 * np.sum(np.sqrt(p * (1 - p) / n)) + math.sqrt(math.log(1 / alpha) / (2 * n))
+@pytest.fixture(scope='module')
+def enum_bundle():
+  return tiny_bundle(4, (2, 3), seed=1, sharpen=15.0)  # entropy ~4.5 nats
+
+
+def sampled_report(enum_bundle, mesh, method, sampling, **options):
+  label = 1
+  p = helpers.exact_distribution(enum_bundle, sampling, label)
+  result = engine.generate(enum_bundle, method, sampling, num_images=DIST_N,
+                           batch_size=4096, classes=[label], seed=7, mesh=mesh,
+                           progress=False, options=options)
+  report = helpers.distribution_report(result.tokens.reshape(DIST_N, -1), p, 4)
+  print(f'{method} {options}: {helpers.format_report(report)}')
+  return report, result
 
 
 @pytest.mark.parametrize('init,window,cfg', [('random', 2, 1.0), ('upper', 4, 1.5)])
-def test_sampled_sjd_has_the_exact_distribution(mesh, init, window, cfg):
-  enum_bundle = tiny_bundle(4, (2, 3), seed=1, sharpen=15.0)  # entropy ~4.5 nats
+def test_sampled_sjd_has_the_exact_distribution(enum_bundle, mesh, init, window, cfg):
   sampling = sampling_lib.Sampling(temperature=1.0, cfg_scale=cfg)
-  label, n = 1, 20480
-  p = exact_distribution(enum_bundle, sampling, label)
-  assert abs(p.sum() - 1) < 1e-4
-  result = engine.generate(enum_bundle, 'sjd', sampling, num_images=n, batch_size=4096,
-                           classes=[label], seed=7, mesh=mesh, progress=False,
-                           options=engine.Options(sjd_window=window, sjd_init=init))
-  flat = result.tokens.reshape(n, -1)
-  index = flat @ (4 ** np.arange(flat.shape[1] - 1, -1, -1))
-  empirical = np.bincount(index, minlength=p.size) / n
-  tv, bound = 0.5 * np.abs(empirical - p).sum(), tv_bound(p, n)
-  assert tv < bound, f'TV {tv:.4f} >= {bound:.4f}'
+  report, result = sampled_report(enum_bundle, mesh, 'sjd', sampling, window=window,
+                                  init=init)
+  assert all(ok for _, ok in report.values()), helpers.format_report(report)
   # Drafts were accepted, so the windows (not only the corrections) were exercised.
   assert result.stats['tokens_per_pass'] > 1.1
+
+
+def test_sampled_gsd_with_empty_clusters_has_the_exact_distribution(enum_bundle, mesh):
+  report, _ = sampled_report(enum_bundle, mesh, 'gsd', SAMPLED, window=4, init='upper',
+                             prob_threshold=0.0, dist_threshold=0.0)
+  assert all(ok for _, ok in report.values()), helpers.format_report(report)
+
+
+def resample_from_p(uniform, p, q, draft):
+  """Rejected drafts replaced by a draw from p instead of the residual."""
+  return _accept_exact(uniform, p, q, draft)[0], p
+
+
+def grouped_pooling_everything(uniform, p, q, draft, codes, rank_window, prob_threshold,
+                               dist_threshold):
+  """GSD's rule ignoring its thresholds: every candidate joins the cluster."""
+  del prob_threshold, dist_threshold
+  return _accept_grouped(uniform, p, q, draft, codes, rank_window, 1.0, 4.0)
+
+
+@pytest.mark.parametrize('method,rule_name,rule', [
+    ('sjd', 'accept_exact', resample_from_p),
+    ('gsd', 'accept_grouped', grouped_pooling_everything)])
+def test_broken_rule_fails_the_distribution_checks(enum_bundle, mesh, monkeypatch, method,
+                                                   rule_name, rule):
+  monkeypatch.setattr(acceptance, rule_name, rule)
+  options = dict(window=4, init='upper')
+  if method == 'gsd':
+    options.update(prob_threshold=0.0, dist_threshold=0.0)
+  report, _ = sampled_report(helpers.fresh(enum_bundle), mesh, method, SAMPLED, **options)
+  assert not all(ok for _, ok in report.values()), helpers.format_report(report)
 
 
 # --- gsd / lantern reduce to their exact bases -------------------------------------------
 
 def test_gsd_with_empty_clusters_is_sjd(bundle, mesh):
-  knobs = dict(sjd_window=4, sjd_init='left')
+  knobs = dict(window=4, init='left')
   sjd = run(bundle, mesh, 'sjd', SAMPLED, **knobs)
-  gsd = run(bundle, mesh, 'gsd', SAMPLED, gsd_prob_threshold=0.0, gsd_dist_threshold=0.0,
-            **knobs)
+  gsd = run(bundle, mesh, 'gsd', SAMPLED, prob_threshold=0.0, dist_threshold=0.0, **knobs)
   np.testing.assert_array_equal(gsd.tokens, sjd.tokens)
   assert gsd.stats['target_passes'] == sjd.stats['target_passes']
 
 
 def test_lantern_with_zero_delta_is_speculative(bundle, mesh):
   spec = run(bundle, mesh, 'speculative', SAMPLED, draft_len=3)
-  lantern = run(bundle, mesh, 'lantern', SAMPLED, draft_len=3, lantern_delta=0.0,
-                lantern_k=4)
+  lantern = run(bundle, mesh, 'lantern', SAMPLED, draft_len=3, delta=0.0, k=4)
   np.testing.assert_array_equal(lantern.tokens, spec.tokens)
   assert lantern.stats['target_passes'] == spec.stats['target_passes']
 
@@ -181,7 +182,7 @@ def test_relaxed_rule_pools_neighbours_up_to_delta():
 
 def test_zipar_with_full_window_is_ar(bundle, mesh, sampled_ar):
   ar = sampled_ar
-  zip_full = run(bundle, mesh, 'zipar', SAMPLED, zipar_window=GRID[1])
+  zip_full = run(bundle, mesh, 'zipar', SAMPLED, window=GRID[1])
   assert zip_full.stats['target_passes'] == ar.stats['target_passes'] == GRID[0] * GRID[1]
   np.testing.assert_array_equal(zip_full.tokens, ar.tokens)
 
@@ -189,7 +190,7 @@ def test_zipar_with_full_window_is_ar(bundle, mesh, sampled_ar):
 @pytest.mark.parametrize('window', [1, 2])
 def test_zipar_takes_the_passes_of_its_schedule(bundle, mesh, sampled_ar, window):
   ar = sampled_ar
-  result = run(bundle, mesh, 'zipar', SAMPLED, zipar_window=window)
+  result = run(bundle, mesh, 'zipar', SAMPLED, window=window)
   # (r, c) is sampled in pass 1 + r * window + c: the last one in (H - 1) * window + W.
   passes = (GRID[0] - 1) * window + GRID[1]
   assert zipar.num_passes(GRID, window) == passes
@@ -203,34 +204,27 @@ def test_zipar_takes_the_passes_of_its_schedule(bundle, mesh, sampled_ar, window
 
 # --- flags -------------------------------------------------------------------------------
 
-@pytest.mark.parametrize('field,value', [
-    ('sjd_window', 0), ('sjd_init', 'diagonal'), ('gsd_rank_window', -1),
-    ('gsd_prob_threshold', -0.1), ('gsd_prob_threshold', 1.5),
-    ('gsd_dist_threshold', -1.0), ('gsd_dist_threshold', 5.0), ('lantern_k', 0),
-    ('lantern_delta', -0.1), ('lantern_delta', 2.0), ('zipar_window', -1)])
-def test_bad_option_is_refused_by_name(field, value):
-  shown = repr(value) if isinstance(value, str) else value
-  with pytest.raises(ValueError, match=re.escape(f'--{field}={shown} must be')):
-    engine.Options(**{field: value}).validate()
+@pytest.mark.parametrize('method,field,value', [
+    ('sjd', 'window', 0), ('sjd', 'init', 'diagonal'), ('gsd', 'rank_window', -1),
+    ('gsd', 'prob_threshold', -0.1), ('gsd', 'prob_threshold', 1.5),
+    ('gsd', 'dist_threshold', -1.0), ('gsd', 'dist_threshold', 5.0), ('lantern', 'k', 0),
+    ('lantern', 'delta', -0.1), ('lantern', 'delta', 2.0), ('zipar', 'window', -1)])
+def test_bad_option_is_refused_by_its_flag(method, field, value):
+  spec = registry.get(method)
+  with pytest.raises(ValueError, match=re.escape(f'--{method}_{field}={value!r} must be')):
+    spec.validate(spec.make_options(**{field: value}))
 
 
 @pytest.mark.parametrize('method,field,value,message', [
-    ('lantern', 'lantern_k', VOCAB, f'--lantern_k={VOCAB} must be < {VOCAB}'),
-    ('zipar', 'zipar_window', GRID[1] + 1, f'--zipar_window={GRID[1] + 1} must be <= '
-     f'{GRID[1]}')])
+    ('lantern', 'k', VOCAB, f'--lantern_k={VOCAB} must be < {VOCAB}'),
+    ('zipar', 'window', GRID[1] + 1, f'--zipar_window={GRID[1] + 1} must be <= {GRID[1]}')])
 def test_option_too_large_for_the_model_is_refused(bundle, mesh, method, field, value,
                                                    message):
-  with pytest.raises(ValueError, match=message):
-    engine.build_decoder(bundle, method, sampling_lib.Sampling(),
-                         engine.Options(**{field: value}), mesh)
+  with pytest.raises(ValueError, match=re.escape(message)):
+    engine.build_decoder(bundle, method, sampling_lib.Sampling(), {field: value}, mesh)
 
 
-def test_sample_args_carry_every_new_knob():
-  args = {f.name for f in dataclasses.fields(sample_job.SampleArgs)}
-  for name in ('sjd_window', 'sjd_init', 'gsd_rank_window', 'gsd_prob_threshold',
-               'gsd_dist_threshold', 'lantern_k', 'lantern_delta', 'zipar_window'):
-    assert name in args and name in engine.Options.__dataclass_fields__
-  for name in ('sjd', 'gsd', 'lantern', 'zipar'):
-    assert name in engine.METHODS
-  assert engine.METHODS['sjd'].lossless and not engine.METHODS['gsd'].lossless
-  assert engine.METHODS['lantern'].needs_heads and not engine.METHODS['zipar'].needs_heads
+def test_methods_declare_what_they_are():
+  assert registry.get('sjd').lossless and not registry.get('gsd').lossless
+  assert 'heads' in registry.get('lantern').needs and registry.get('zipar').needs == ()
+  assert 'tokenizer' in registry.get('gsd').needs

@@ -41,6 +41,25 @@ def accept_greedy(p, draft):
   return draft == best, jax.nn.one_hot(best, p.shape[-1], dtype=p.dtype)
 
 
+def accept_multi(uniform, p, drafts, qs, present):
+  """Recursive rejection sampling over C candidates for one position.
+
+  uniform [B, C] in [0, 1); p [B, V] target; drafts [B, C] tokens, candidate c drawn
+  from qs[:, c] [B, V] independently; present [B, C]. -> (choice [B]: the accepted
+  candidate or -1, r [B, V]: the distribution to draw from when none stood).
+  """
+  r, choice = p, jnp.full(drafts.shape[:1], -1)
+  for c in range(drafts.shape[1]):
+    x, q = drafts[:, c], qs[:, c]
+    test = present[:, c] & (choice < 0)
+    rx = jnp.take_along_axis(r, x[:, None], -1)[:, 0]
+    qx = jnp.take_along_axis(q, x[:, None], -1)[:, 0]
+    ok = test & (uniform[:, c] * qx < rx)
+    choice = jnp.where(ok, c, choice)
+    r = jnp.where((test & ~ok)[:, None], residual(r, q), r)
+  return choice, r
+
+
 def leading_accepted(accept):
   """Number of accepted positions before the first rejection: [B, K] bool -> [B] int32."""
   return jnp.sum(jnp.cumprod(accept.astype(jnp.int32), axis=-1), axis=-1)

@@ -11,16 +11,45 @@ import dataclasses
 
 import jax.numpy as jnp
 
+from ssd_jax.decoding import registry
 from ssd_jax.decoding import target as target_lib
+from ssd_jax.decoding.state import gather
 from ssd_jax.models import heads as heads_lib
 
 
-def gather(x, idx, axis):
-  """x [..., N, ...] along `axis` (the batch axis is axis - 1) at idx [B, K] -> [..., B, K, ...]."""
-  idx = jnp.clip(idx, 0, x.shape[axis] - 1)
-  shape = idx.shape + (1,) * (x.ndim - axis - 1)
-  lead = (1,) * (axis - 1)
-  return jnp.take_along_axis(x, idx.reshape(lead + shape), axis=axis)
+@dataclasses.dataclass(frozen=True)
+class HeadOptions:
+  """Knobs of the methods that draft with the neighbour heads."""
+  draft_len: int = registry.option(4, 'Drafts verified per pass.')
+  horizontal_first: int = registry.option(
+      0, 'Drafts from the horizontal heads before the vertical one takes over (0 = from '
+      'the heads\' measured acceptance).')
+
+  def validate(self, bundle):
+    del bundle
+    registry.check(self.draft_len >= 1, 'draft_len', self.draft_len, 'must be >= 1.')
+    registry.check(self.horizontal_first >= 0, 'horizontal_first', self.horizontal_first,
+                   "must be >= 0 (0 = choose from the heads' measured acceptance).")
+
+
+def horizontal_first_auto(bundle):
+  """Horizontal offsets whose measured acceptance beats the vertical head's (at least 1)."""
+  stage = bundle.stage('heads')
+  results = (stage.results if stage else None) or {}
+  vertical = results.get('vertical_1', {}).get('acceptance')
+  if vertical is None:
+    return 1
+  count = 0
+  for d in range(1, stage.module.num_horizontal + 1):
+    if results.get(f'horizontal_{d}', {}).get('acceptance', 0.0) < vertical:
+      break
+    count = d
+  return max(count, 1)
+
+
+def head_drafter(bundle, target, options):
+  first = options.horizontal_first or horizontal_first_auto(bundle)
+  return HeadDrafter(target, bundle.stage('heads').module, first)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,7 +61,7 @@ class HeadDrafter:
   horizontal_first: int = 1
 
   def _emb(self, params, tokens):
-    return self.target.embed(params['backbone'], jnp.maximum(tokens, 0))
+    return self.target.embed(params['ar'], jnp.maximum(tokens, 0))
 
   def _apply(self, params, method, hidden, emb):  # hidden [G, B, ..., D], emb [B, ..., D]
     emb = jnp.broadcast_to(emb, hidden.shape)
@@ -65,7 +94,7 @@ class HeadDrafter:
     use_h = hor_ok & ((dist <= self.horizontal_first) | ~ver_ok)
     pred = jnp.where(use_h[None, ..., None], hor, ver)            # [G, B, k, D]
     valid = (hor_ok | ver_ok) & (pos < num_tokens)
-    return self.target.draft_probs(params['backbone'], pred), valid
+    return self.target.draft_probs(params['ar'], pred), valid
 
   def row(self, params, tokens, hidden, y):
     """Vertical-head drafts for the whole row y [B] from row y - 1: q [B, W, V]."""
@@ -74,4 +103,4 @@ class HeadDrafter:
     src = gather(hidden, above, axis=2)
     emb = self._emb(params, gather(tokens, above, axis=1))
     ver = self._apply(params, self.heads.all_vertical, src, emb)[..., 0, :]
-    return self.target.draft_probs(params['backbone'], ver)
+    return self.target.draft_probs(params['ar'], ver)

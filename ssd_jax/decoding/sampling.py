@@ -7,6 +7,7 @@ rule an argmax match.
 """
 
 import dataclasses
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -14,7 +15,12 @@ import jax.numpy as jnp
 
 @dataclasses.dataclass(frozen=True)
 class Sampling:
-  """Static sampling settings (each distinct value compiles its own decoding loop)."""
+  """Sampling settings as a user gives them.
+
+  A compiled decoding loop is specialised on `static_key()` (greedy or not, CFG or not,
+  top-k, top-p); a non-zero temperature and a guidance scale other than 1 enter it as
+  traced values (`traced_values()`), so sweeping them does not recompile.
+  """
   temperature: float = 1.0  # 0 = greedy
   top_k: int = 0            # 0 = off
   top_p: float = 1.0        # 1 = off
@@ -40,6 +46,31 @@ class Sampling:
       raise ValueError(f'--cfg_scale={self.cfg_scale} must be >= 0 (1 = no guidance).')
     return self
 
+  def static_key(self):
+    return (self.greedy, self.uses_cfg, self.top_k, self.top_p)
+
+  def traced_values(self):
+    """{'temperature', 'cfg_scale'} as float32 scalars (greedy ignores the temperature)."""
+    return {'temperature': jnp.float32(1.0 if self.greedy else self.temperature),
+            'cfg_scale': jnp.float32(self.cfg_scale)}
+
+  def processing(self, values=None):
+    """The Processing a loop applies; `values` (traced) replace temperature / cfg_scale."""
+    values = values or {'temperature': self.temperature, 'cfg_scale': self.cfg_scale}
+    return Processing(greedy=self.greedy, uses_cfg=self.uses_cfg, top_k=self.top_k,
+                      top_p=self.top_p, **values)
+
+
+@dataclasses.dataclass(frozen=True)
+class Processing:
+  """What a compiled loop applies to logits: static switches and (possibly traced) values."""
+  greedy: bool
+  uses_cfg: bool
+  top_k: int
+  top_p: float
+  temperature: Any  # [] float; unused when greedy
+  cfg_scale: Any    # [] float; unused without CFG
+
 
 def guide(logits, cfg_scale):
   """[G, ...] logits (G = 2: cond, uncond) -> [...] guided logits; G = 1 passes through."""
@@ -49,8 +80,10 @@ def guide(logits, cfg_scale):
   return uncond + cfg_scale * (cond - uncond)
 
 
-def probs_from_logits(logits, s: Sampling):
-  """logits [..., V] -> probabilities [..., V] after temperature / top-k / top-p."""
+def probs_from_logits(logits, s):
+  """logits [..., V] -> probabilities [..., V] after temperature / top-k / top-p.
+
+  `s`: a Sampling or a Processing (the same fields)."""
   logits = logits.astype(jnp.float32)
   if s.greedy:
     return jax.nn.one_hot(jnp.argmax(logits, -1), logits.shape[-1], dtype=jnp.float32)

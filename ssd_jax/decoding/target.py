@@ -6,6 +6,7 @@ states of both groups [G, B, ...] so a draft distribution can be guided the same
 """
 
 import dataclasses
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -17,7 +18,11 @@ from ssd_jax.models import transformer
 @dataclasses.dataclass(frozen=True)
 class Target:
   model: transformer.Transformer
-  sampling: sampling_lib.Sampling
+  sampling: Any  # a sampling_lib.Processing (a Sampling is converted)
+
+  def __post_init__(self):
+    if isinstance(self.sampling, sampling_lib.Sampling):
+      object.__setattr__(self, 'sampling', self.sampling.processing())
 
   @property
   def groups(self):
@@ -83,15 +88,11 @@ class Target:
     return self.probs(self._apply(params, hidden, method=self.model.logits_from_hidden))
 
 
-def sample_keys(keys, *counters):
-  """Per-sample keys [B] folded with counters: image b's randomness is its own."""
-  for c in counters:
-    keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys, c)
-  return keys
-
-
-def sample_tokens(keys, probs, greedy):
-  """keys [B], probs [B, ..., V] -> tokens [B, ...]."""
-  if greedy:
-    return sampling_lib.sample(None, probs, greedy=True)
-  return jax.vmap(sampling_lib.sample)(keys, probs)
+  def sample(self, keys, probs):
+    """keys [B] (or [B, T] with probs [B, T, V]), probs [B, ..., V] -> tokens [B, ...];
+    the argmax at temperature 0."""
+    if self.sampling.greedy:
+      return sampling_lib.sample(None, probs, greedy=True)
+    if keys.ndim == 2:
+      return jax.vmap(jax.vmap(sampling_lib.sample))(keys, probs)
+    return jax.vmap(sampling_lib.sample)(keys, probs)

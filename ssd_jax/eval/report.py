@@ -63,7 +63,7 @@ def markdown(summary):
       f"- machine: {m['processor']}, {m['platform']}, {m['devices']}, jax {m['jax']}",
       f"- FID features: `{summary['features']}` (classifier `{summary['classifier']}`, "
       f"test accuracy {'?' if acc is None else f'{acc:.1%}'}); real reference: "
-      f"{summary['num_real_images']} held-out `{args['real_split']}` images",
+      f"{summary['num_real_images']} held-out `{summary['real_split']}` images",
       f"- **noise level: FID(AR seed {args['seed']}, AR seed {noise_seed}) = "
       f"{summary['noise_fid']:.3f}**. A setting whose FID vs AR is at this level "
       '(ratio ~1) is statistically indistinguishable from AR at this number of images.',

@@ -12,7 +12,7 @@ from ssd_jax import images as image_io
 from ssd_jax import pretrained
 from ssd_jax.data import fashion_mnist
 from ssd_jax.data import pipeline
-from ssd_jax.decoding import ar as ar_decoding
+from ssd_jax.decoding.methods import ar as ar_decoding
 from ssd_jax.decoding import sampling as sampling_lib
 from ssd_jax.decoding import target as target_lib
 from ssd_jax.models import vq

@@ -23,18 +23,33 @@ The accepted nodes' keys/values are copied to their canonical slots (spine nodes
 sit there); everything after the committed length is garbage the cache masks out.
 """
 
-import flax
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from ssd_jax.decoding import acceptance
-from ssd_jax.decoding import drafts as drafts_lib
-from ssd_jax.decoding import target as target_lib
+from ssd_jax.decoding import keys as keys_lib
+from ssd_jax.decoding import registry
+from ssd_jax.decoding import state as state_lib
+from ssd_jax.decoding.keys import Stream
 from ssd_jax.models import hawk as hawk_model
-from ssd_jax.models import transformer
 
-gather = drafts_lib.gather
+gather = state_lib.gather
+MAX_DRAFT_LEN = 8  # the chain's keys are Stream.CHAIN + d
+
+
+@dataclasses.dataclass(frozen=True)
+class Options:
+  draft_len: int = registry.option(4, 'Horizontal chain length K (a tree of K + K(K+1)/2 '
+                                   'drafts).')
+
+  def validate(self, bundle):
+    registry.check(1 <= self.draft_len <= MAX_DRAFT_LEN, 'draft_len', self.draft_len,
+                   f'must be in [1, {MAX_DRAFT_LEN}] (the verified tree grows as '
+                   'K + K(K+1)/2).')
+    del bundle
 
 
 def tree(k):
@@ -70,43 +85,11 @@ def ancestor_mask(parent):
   return mask
 
 
-def accept_multi(uniform, p, drafts, qs, present):
-  """Recursive rejection sampling over C candidates for one position.
-
-  uniform [B, C] in [0, 1); p [B, V] target; drafts [B, C] tokens, candidate c drawn
-  from qs[:, c] [B, V] independently; present [B, C]. -> (choice [B]: the accepted
-  candidate or -1, r [B, V]: the distribution to draw from when none stood).
-  """
-  r, choice = p, jnp.full(drafts.shape[:1], -1)
-  for c in range(drafts.shape[1]):
-    x, q = drafts[:, c], qs[:, c]
-    test = present[:, c] & (choice < 0)
-    rx = jnp.take_along_axis(r, x[:, None], -1)[:, 0]
-    qx = jnp.take_along_axis(q, x[:, None], -1)[:, 0]
-    ok = test & (uniform[:, c] * qx < rx)
-    choice = jnp.where(ok, c, choice)
-    r = jnp.where((test & ~ok)[:, None], acceptance.residual(r, q), r)
-  return choice, r
-
-
-@flax.struct.dataclass
-class HawkState:
-  tokens: jax.Array         # [B, N] int32, -1 where not yet committed
-  length: jax.Array         # [B] int32 committed tokens n; tokens [0, n) are final
-  hidden: jax.Array         # [G, B, N, D] h(i): the target state that predicted token i
-  cache: transformer.KVCache  # [G*B]; holds slots of tokens [0, n - 1) (+ prefix)
-  row: jax.Array            # [B] int32 row whose vertical drafts row_q holds (-1: none)
-  row_q: jax.Array          # [B, W, V] vertical draft distributions of that row
-  passes: jax.Array         # [] int32 target forward passes
-  draft_passes: jax.Array   # [] int32 drafter calls (chain steps and row drafts)
-  sample_passes: jax.Array  # [B] int32 passes after which each sample was complete
-  accepted: jax.Array       # [B] int32 drafted tokens accepted
-  accepted_vertical: jax.Array  # [B] int32 ... of which vertical drafts
-
-
 class HawkDecoder:
-  """decode(params, labels, keys) for a Target and a HawkDrafter; params: {'backbone',
-  'hawk'}."""
+  """decode(params, labels, keys) for a Target and a HawkDrafter; params: {'ar',
+  'hawk_draft'}. Method fields of the decode state (state.extra): row [B] the row whose
+  vertical drafts row_q [B, W, V] holds (-1: none), draft_passes [] drafter calls,
+  accepted_vertical [B] accepted drafts that were vertical."""
 
   def __init__(self, target, drafter, k):
     self.target, self.drafter, self.k = target, drafter, k
@@ -119,15 +102,15 @@ class HawkDecoder:
     b, q = pos.shape
     idx, _ = hawk_model.window_positions(pos, self.drafter.grid, self.drafter.offsets,
                                          vertical)
-    embed = lambda t: self.target.embed(params['backbone'], jnp.maximum(t, 0))
+    embed = lambda t: self.target.embed(params['ar'], jnp.maximum(t, 0))
     flat = idx.reshape(b, -1)
     win_hidden = gather(hidden, flat, axis=2).reshape(hidden.shape[:2] + idx.shape[1:] + (-1,))
     win_emb = embed(gather(tokens, flat, axis=1)).reshape(idx.shape + (-1,))
     src_emb = embed(gather(tokens, src, axis=1))
-    pred = self.drafter.apply({'params': params['hawk']}, gather(hidden, src, axis=2),
+    pred = self.drafter.apply({'params': params['hawk_draft']}, gather(hidden, src, axis=2),
                               src_emb, win_hidden, win_emb, pos, vertical,
                               method=self.drafter.draft)
-    return pred, self.target.draft_probs(params['backbone'], pred)
+    return pred, self.target.draft_probs(params['ar'], pred)
 
   def _chain(self, params, keys, s):
     """The horizontal chain: tokens [B, K] drawn from q [B, K, V]."""
@@ -138,8 +121,7 @@ class HawkDecoder:
       pos = s.length + d
       pred, q = self._draft(params, tokens, hidden, pos[:, None], pos[:, None] - 1,
                             vertical=False)
-      tok = target_lib.sample_tokens(target_lib.sample_keys(keys, s.passes, 10 + d), q[:, 0],
-                                     self.target.sampling.greedy)
+      tok = self.target.sample(keys_lib.pass_keys(keys, s.passes, Stream.CHAIN, d), q[:, 0])
       # Later steps see this step's draft as committed (dropped past the grid's end).
       hidden = hidden.at[:, bidx, pos].set(pred[:, :, 0], mode='drop')
       return (tokens.at[bidx, pos].set(tok, mode='drop'), hidden), (tok, q[:, 0])
@@ -151,29 +133,31 @@ class HawkDecoder:
     """Vertical drafts of the row holding position n, when not cached yet (rows >= 1)."""
     w = self.drafter.grid[1]
     row = s.length // w
-    need = active & (row != s.row) & (row >= 1)
+    cached = s.extra['row']
+    need = active & (row != cached) & (row >= 1)
 
     def compute():
       pos = jnp.maximum(row, 1)[:, None] * w + jnp.arange(w)[None]       # [B, W]
       return self._draft(params, s.tokens, s.hidden, pos, pos - w, vertical=True)[1]
 
-    row_q = jax.lax.cond(jnp.any(need), compute, lambda: s.row_q)
-    return s.replace(row=jnp.where(need, row, s.row),
-                     row_q=jnp.where(need[:, None, None], row_q, s.row_q),
-                     draft_passes=s.draft_passes + jnp.any(need).astype(jnp.int32))
+    row_q = jax.lax.cond(jnp.any(need), compute, lambda: s.extra['row_q'])
+    return s.replace(extra=dict(
+        s.extra, row=jnp.where(need, row, cached),
+        row_q=jnp.where(need[:, None, None], row_q, s.extra['row_q']),
+        draft_passes=s.extra['draft_passes'] + jnp.any(need).astype(jnp.int32)))
 
   def _walk(self, keys, s, probs, h_tok, h_q, v_tok, v_q, active):
     """Recursive rejection down the tree -> (a [B] accepted, path [B, K + 1] nodes from the
     root, path tokens [B, K], extra token [B], vertical accepts [B])."""
     b, n_tok = s.tokens.shape
-    greedy = self.target.sampling.greedy
     pos = s.length[:, None] + jnp.arange(self.k)[None]                    # [B, K]
     h_ok = pos < n_tok
-    v_ok = h_ok & (pos // self.drafter.grid[1] == s.row[:, None]) & (s.row[:, None] >= 1)
-    u = jnp.zeros((b, self.k, 2)) if greedy else jax.vmap(
-        lambda key: jax.random.uniform(key, (self.k, 2)))(
-            target_lib.sample_keys(keys, s.passes, 2))
+    row = s.extra['row'][:, None]
+    v_ok = h_ok & (pos // self.drafter.grid[1] == row) & (row >= 1)
+    u = keys_lib.uniforms(keys, s.passes, Stream.ACCEPT, (self.k, 2),
+                          self.target.sampling.greedy)
     h_child, v_child = jnp.asarray(self.h_child), jnp.asarray(self.v_child)
+    accept_multi = acceptance.accept_multi  # looked up per build: tests inject broken rules
 
     def down(carry, xs):  # one depth: the current node's children, H then V
       cur, alive, a, n_vertical, extra_probs = carry
@@ -197,8 +181,7 @@ class HawkDecoder:
     # Every draft stood: the bonus token from the last node's p.
     extra_probs = jnp.where(alive[:, None], gather(probs, cur[:, None], axis=1)[:, 0],
                             extra_probs)
-    extra = target_lib.sample_tokens(target_lib.sample_keys(keys, s.passes, 3), extra_probs,
-                                     greedy)
+    extra = self.target.sample(keys_lib.pass_keys(keys, s.passes, Stream.EXTRA), extra_probs)
     path = jnp.concatenate([zero[:, None], path.T], 1)  # the root first
     return a, path, path_tokens.T, extra, n_vertical
 
@@ -216,74 +199,54 @@ class HawkDecoder:
 
   def step(self, params, keys, s):
     """One pass: draft, verify the tree, accept, commit."""
-    b, n_tok = s.tokens.shape
+    n_tok = s.tokens.shape[1]
     w = self.drafter.grid[1]
-    n, p_len = s.length, self.target.prefix_len
+    n = s.length
     active = n < n_tok
     s = self._update_row(params, s, active)
     h_tok, h_q = self._chain(params, keys, s)                             # [B, K], [B, K, V]
     pos = n[:, None] + jnp.arange(self.k)[None]
-    v_q = gather(s.row_q, pos % w, axis=1)                                # [B, K, V]
-    v_tok = target_lib.sample_tokens(target_lib.sample_keys(keys, s.passes, 4), v_q,
-                                     self.target.sampling.greedy)
+    v_q = gather(s.extra['row_q'], pos % w, axis=1)                       # [B, K, V]
+    v_tok = self.target.sample(keys_lib.pass_keys(keys, s.passes, Stream.DRAFT), v_q)
     # The block: root (token n - 1) and every node's draft, at consecutive slots.
     node_draft = jnp.maximum(jnp.asarray(self.depth) - 1, 0)
     block = jnp.where(jnp.asarray(self.vertical)[None], v_tok[:, node_draft],
                       h_tok[:, node_draft])
-    block = block.at[:, 0].set(gather(s.tokens, (n - 1)[:, None], axis=1)[:, 0])
-    slots = p_len + n[:, None] - 1 + jnp.arange(len(self.parent))[None]
+    block = block.at[:, 0].set(state_lib.last_token(s)[:, 0])
+    slots = self.target.prefix_len + n[:, None] - 1 + jnp.arange(len(self.parent))[None]
     node_pos = n[:, None] - 1 + jnp.asarray(self.depth)[None]
-    probs, hidden, cache = self.target.forward(params['backbone'], block, slots, s.cache,
+    probs, hidden, cache = self.target.forward(params['ar'], block, slots, s.cache,
                                                self.mask, (node_pos // w, node_pos % w))
     a, path, path_tokens, extra, n_vertical = self._walk(keys, s, probs, h_tok, h_q, v_tok,
                                                          v_q, active)
     a = jnp.where(active, a, 0)
     cache = self._compact(cache, n, path, a)
-    # Commit positions n .. n + a: the path's drafts, then the extra token; h(n + e) is
-    # the output at path node e (the root for e = 0).
-    steps = jnp.arange(self.k + 1)[None]
-    new_tokens = jnp.concatenate([path_tokens, extra[:, None]], 1)
-    new_tokens = jnp.where(steps == a[:, None], extra[:, None], new_tokens)
-    write = (steps <= a[:, None]) & (n[:, None] + steps < n_tok) & active[:, None]
-    idx = jnp.where(write, n[:, None] + steps, n_tok)
-    bidx = jnp.arange(b)[:, None]
-    new_n = jnp.where(active, jnp.minimum(n + a + 1, n_tok), n)
-    passes = s.passes + 1
-    return s.replace(
-        tokens=s.tokens.at[bidx, idx].set(new_tokens, mode='drop'),
-        hidden=s.hidden.at[:, bidx, idx].set(gather(hidden, path, axis=2), mode='drop'),
-        length=new_n, cache=self.target.commit(cache, p_len + new_n - 1), passes=passes,
-        draft_passes=s.draft_passes + self.k,
-        sample_passes=jnp.where(active & (new_n >= n_tok), passes, s.sample_passes),
-        accepted=s.accepted + a, accepted_vertical=s.accepted_vertical + n_vertical)
-
-  def init_state(self, params, labels, keys):
-    """Prefill (one target pass) and token 0 for every sample."""
-    target = self.target
-    b, n = labels.shape[0], target.model.num_tokens
-    extra_slots = len(self.parent) + 1  # the tree may run past the grid's end
-    probs, hidden, cache = target.prefill(params['backbone'], labels,
-                                          target.init_cache(b, extra_slots))
-    first = target_lib.sample_tokens(target_lib.sample_keys(keys, 0, 0), probs,
-                                     target.sampling.greedy)
-    buf = jnp.zeros(hidden.shape[:2] + (n,) + hidden.shape[2:], hidden.dtype)
-    zero = jnp.zeros((b,), jnp.int32)
-    return HawkState(
-        tokens=jnp.full((b, n), -1, jnp.int32).at[:, 0].set(first),
-        length=jnp.ones((b,), jnp.int32), hidden=buf.at[:, :, 0].set(hidden),
-        cache=target.commit(cache, jnp.full((b,), target.prefix_len)),
-        row=jnp.full((b,), -1, jnp.int32),
-        row_q=jnp.zeros((b, self.drafter.grid[1], probs.shape[-1]), probs.dtype),
-        passes=jnp.int32(1), draft_passes=jnp.int32(0), sample_passes=zero,
-        accepted=zero, accepted_vertical=zero)
+    # h(n + e) is the output at path node e (the root for e = 0).
+    s = state_lib.commit(self.target, s, path_tokens, a, extra, active, cache,
+                         gather(hidden, path, axis=2))
+    s = s.replace(extra=dict(s.extra, draft_passes=s.extra['draft_passes'] + self.k,
+                             accepted_vertical=s.extra['accepted_vertical'] + n_vertical))
+    return state_lib.count_pass(s, active)
 
   def decode(self, params, labels, keys):
     """labels [B], keys [B] -> (tokens [B, N], stats)."""
-    n_tok = self.target.model.num_tokens
-    s = self.init_state(params, labels, keys)
-    s = jax.lax.while_loop(lambda s: jnp.any(s.length < n_tok),
-                           lambda s: self.step(params, keys, s), s)
-    stats = {'target_passes': s.passes, 'draft_passes': s.draft_passes,
-             'sample_passes': s.sample_passes, 'accepted_drafts': s.accepted,
-             'accepted_vertical': s.accepted_vertical}
-    return s.tokens, stats
+    b, w = labels.shape[0], self.drafter.grid[1]
+    vocab = self.target.model.vocab_size
+    extra = dict(row=jnp.full((b,), -1, jnp.int32), row_q=jnp.zeros((b, w, vocab)),
+                 draft_passes=jnp.int32(0), accepted_vertical=jnp.zeros((b,), jnp.int32))
+    # Cache room: the tree may run past the grid's end.
+    s = state_lib.start(self.target, params['ar'], labels, keys,
+                        extra_slots=len(self.parent) + 1, extra=extra)
+    s = jax.lax.while_loop(state_lib.unfinished, lambda s: self.step(params, keys, s), s)
+    return s.tokens, state_lib.stats(s, s.extra['draft_passes'],
+                                     accepted_vertical=s.extra['accepted_vertical'])
+
+
+def build(bundle, target, options):
+  drafter = bundle.stage('hawk_draft').module
+  return HawkDecoder(target, drafter, options.draft_len).decode
+
+
+METHODS = (registry.Method(
+    'hawk', 'Hawk: 2D local-attention draft model, horizontal + vertical drafts verified as '
+    'a tree (lossless)', lossless=True, needs=('hawk_draft',), options=Options, build=build),)

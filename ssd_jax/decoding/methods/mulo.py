@@ -35,17 +35,43 @@ Target passes: 1 (verify) + the longest island's positions when every island has
 upsampler.
 """
 
+import dataclasses
+
 import flax
 import jax
 import jax.numpy as jnp
 
-from ssd_jax.decoding import acceptance
-from ssd_jax.decoding import ar
-from ssd_jax.decoding import sampling as sampling_lib
+from ssd_jax.decoding import codebook
+from ssd_jax.decoding import keys as keys_lib
+from ssd_jax.decoding import registry
 from ssd_jax.decoding import target as target_lib
+from ssd_jax.decoding.methods import ar
 from ssd_jax.models import transformer
 
-DRAFT_STREAM = 1 << 20  # the drafter's randomness: keys fold_in(key, DRAFT_STREAM, ...)
+
+@dataclasses.dataclass(frozen=True)
+class Options:
+  tau: float = registry.option(0.3, 'Keep a draft token when the target mass on it and its '
+                               'codebook neighbours is >= this.')
+  k: int = registry.option(8, 'Codebook neighbours pooled with the draft token.')
+  radius: int = registry.option(1, 'Rejected positions grow by this Chebyshev radius '
+                                'before resampling.')
+  lanes: int = registry.option(8, 'Islands resampled at once (0 = all there can be).')
+
+  def validate(self, bundle):
+    registry.check(0 <= self.tau < float('inf'), 'tau', self.tau,
+                   'must be >= 0 (a probability mass; 0 = keep the whole draft, above 1 = '
+                   'resample every position).')
+    registry.check(self.k >= 0, 'k', self.k, 'must be >= 0 (0 = the draft token alone).')
+    registry.check(self.radius >= 0, 'radius', self.radius,
+                   'must be >= 0 (0 = resample only the rejected positions).')
+    registry.check(self.lanes >= 0, 'lanes', self.lanes,
+                   'must be >= 0 (0 = as many islands as the grid can hold).')
+    if bundle is not None:
+      vocab = bundle.model.vocab_size
+      registry.check(self.k < vocab, 'k', self.k, f'must be < {vocab} (the codebook size: '
+                     'the neighbours are the other codes).')
+      check_stages(bundle)
 
 
 @flax.struct.dataclass
@@ -57,13 +83,6 @@ class MuloState:
   cache: transformer.KVCache  # [G*B]; prefix + N image slots + 2 * lanes scratch slots
   passes: jax.Array         # [] int32 target forward passes
   sample_passes: jax.Array  # [B] int32 passes after which each sample was complete
-
-
-def codebook_neighbours(codes, k):
-  """codes [V, d] -> [V, k] int32: each code's k nearest other codes (k = 0: none)."""
-  if k == 0:
-    return jnp.zeros((codes.shape[0], 0), jnp.int32)
-  return acceptance.latent_neighbours(codes, k)
 
 
 def pooled_accept(p, draft, neighbours, tau):
@@ -113,12 +132,6 @@ def max_islands(grid, radius):
   return max(1, min(-(-n // 2), n // (radius + 1) ** 2))
 
 
-def _token_keys(keys, idx):
-  """keys [B], raster positions [B, T] -> [B, T]: token i of image b draws with
-  fold_in(keys[b], i), as plain AR decoding does."""
-  return jax.vmap(lambda k, i: jax.vmap(lambda j: jax.random.fold_in(k, j))(i))(keys, idx)
-
-
 def _with_null(target, labels):
   if target.groups == 1:
     return labels
@@ -129,7 +142,7 @@ def draft_grid(target, drafter, upsampler, params, labels, keys):
   """-> (draft [B, N] int32, drafter passes): low-res AR sample, then the upsampler."""
   low_target = target_lib.Target(drafter, target.sampling)
   low, stats = ar.decode_ar(low_target, params['mulo_draft'], labels,
-                            target_lib.sample_keys(keys, DRAFT_STREAM))
+                            keys_lib.fold(keys, keys_lib.Stream.LOW_RES))
   tile = lambda x: jnp.concatenate([x] * target.groups, axis=0)
   logits = upsampler.apply({'params': params['mulo_upsampler']}, tile(low),
                            _with_null(target, labels))                # [G*B, N, V]
@@ -157,19 +170,18 @@ def decode_mulo(target, drafter, upsampler, params, labels, keys, neighbours, ta
                 lanes):
   """labels [B], keys [B] -> (tokens [B, N], stats).
 
-  params: {'backbone', 'mulo_draft', 'mulo_upsampler'}; neighbours [V, k] from
-  `codebook_neighbours`; lanes: islands resampled at once (0 = as many as can exist).
+  params: {'ar', 'mulo_draft', 'mulo_upsampler'}; neighbours [V, k] from
+  `codebook.neighbours`; lanes: islands resampled at once (0 = as many as can exist).
   """
   h, w = target.model.grid
   b, n, prefix = labels.shape[0], h * w, target.prefix_len
-  greedy = target.sampling.greedy
   lanes = lanes or max_islands((h, w), radius)
   t = 2 * lanes  # per lane: a query that predicts an island's next position, one that
                  # feeds a token drawn the pass before
   idx = jnp.arange(n)
   bidx = jnp.arange(b)[:, None]
   scratch = prefix + n + jnp.arange(t)
-  backbone = params['backbone']
+  backbone = params['ar']
 
   draft, draft_passes = draft_grid(target, drafter, upsampler, params, labels, keys)
   probs, cache = verify(target, backbone, labels, draft, target.init_cache(b, t))
@@ -177,7 +189,7 @@ def decode_mulo(target, drafter, upsampler, params, labels, keys, neighbours, ta
   grown = grow(~passed.reshape(b, h, w), radius).reshape(b, n)
   island = label_islands(grown.reshape(b, h, w))
   # Token 0 is conditioned on the class alone: redraw it exactly, now.
-  first = target_lib.sample_tokens(target_lib.sample_keys(keys, 0), probs[:, 0], greedy)
+  first = target.sample(keys_lib.token_keys(keys, 0), probs[:, 0])
   tokens = draft.at[:, 0].set(jnp.where(grown[:, 0], first, draft[:, 0]))
   final = ~grown | (idx == 0)
   s = MuloState(tokens=tokens, final=final, ready=~grown, island=island, cache=cache,
@@ -215,10 +227,7 @@ def decode_mulo(target, drafter, upsampler, params, labels, keys, neighbours, ta
     probs, _, cache = target.forward(backbone, jnp.take_along_axis(s.tokens, stand, 1),
                                      slots, s.cache, rope_pos=(stand // w, stand % w),
                                      visible=visible)
-    if greedy:
-      new = target_lib.sample_tokens(None, probs[:, :lanes], True)
-    else:
-      new = jax.vmap(jax.vmap(sampling_lib.sample))(_token_keys(keys, nxt), probs[:, :lanes])
+    new = target.sample(keys_lib.token_keys(keys, nxt), probs[:, :lanes])
     put = jnp.where(a_on, nxt, n)
     tokens = s.tokens.at[bidx, put].set(new, mode='drop')
     final = s.final.at[bidx, put].set(True, mode='drop')
@@ -236,13 +245,10 @@ def decode_mulo(target, drafter, upsampler, params, labels, keys, neighbours, ta
   return s.tokens, stats
 
 
-def check_bundle(bundle):
+def check_stages(bundle):
   """Refuses drafter / upsampler stages that do not fit the target (before compiling)."""
-  if bundle.mulo_draft is None or bundle.mulo_upsampler is None:
-    raise ValueError(f'method \'mulo\' needs the mulo_draft/ and mulo_upsampler/ stages in '
-                     f'{bundle.run_dir}; train them with configs/mulo_draft.py and '
-                     'configs/mulo_upsampler.py.')
-  model, draft, up = bundle.model, bundle.mulo_draft, bundle.mulo_upsampler
+  model = bundle.model
+  draft, up = bundle.stage('mulo_draft').module, bundle.stage('mulo_upsampler').module
   if tuple(up.grid) != tuple(model.grid) or tuple(draft.grid) != tuple(up.low_grid):
     raise ValueError(f'{bundle.run_dir}: the upsampler maps {tuple(up.low_grid)} to '
                      f'{tuple(up.grid)} grids, but the drafter samples {tuple(draft.grid)} '
@@ -254,15 +260,14 @@ def check_bundle(bundle):
 
 
 def build(bundle, target, options):
-  """engine.METHODS' builder: (params, labels, keys) -> (tokens, stats)."""
-  check_bundle(bundle)
-  vocab = bundle.model.vocab_size
-  if options.mulo_k >= vocab:
-    raise ValueError(f'--mulo_k={options.mulo_k} must be < {vocab} (the codebook size: the '
-                     'neighbours are the other codes).')
-  codes = bundle.tokenizer.apply({'params': bundle.tokenizer_params},
-                                 method=bundle.tokenizer.codes)
-  neighbours = codebook_neighbours(codes, options.mulo_k)
+  neighbours = codebook.neighbours(bundle, options.k)
+  drafter, upsampler = bundle.stage('mulo_draft').module, bundle.stage('mulo_upsampler').module
   return lambda params, labels, keys: decode_mulo(
-      target, bundle.mulo_draft, bundle.mulo_upsampler, params, labels, keys, neighbours,
-      options.mulo_tau, options.mulo_radius, options.mulo_lanes)
+      target, drafter, upsampler, params, labels, keys, neighbours, options.tau,
+      options.radius, options.lanes)
+
+
+METHODS = (registry.Method(
+    'mulo', 'MuLo-SD: low-res drafter + upsampler, one verify pass, local resampling of '
+    'rejected islands (LOSSY)', lossless=False,
+    needs=('tokenizer', 'mulo_draft', 'mulo_upsampler'), options=Options, build=build),)

@@ -24,13 +24,32 @@ never a row below -- including the tokens written by other lanes in the same pas
 lanes and the extra query write to scratch slots that no other query sees.
 """
 
+import dataclasses
+
 import flax
 import jax
 import jax.numpy as jnp
 
-from ssd_jax.decoding import sampling as sampling_lib
-from ssd_jax.decoding import target as target_lib
+from ssd_jax.decoding import keys as keys_lib
+from ssd_jax.decoding import registry
+from ssd_jax.decoding import state as state_lib
 from ssd_jax.models import transformer
+
+
+@dataclasses.dataclass(frozen=True)
+class Options:
+  window: int = registry.option(0, 'Row r+1 starts when row r has this many tokens (0 = '
+                                'half the grid width; the width = plain AR).')
+
+  def validate(self, bundle):
+    registry.check(self.window >= 0, 'window', self.window,
+                   'must be >= 0 (0 = half the grid width).')
+    width = bundle.model.grid[1] if bundle is not None else None
+    registry.check(width is None or self.window <= width, 'window', self.window,
+                   f'must be <= {width} (the grid width; {width} = plain AR).')
+
+  def resolve(self, grid):
+    return self.window or (grid[1] + 1) // 2
 
 
 @flax.struct.dataclass
@@ -53,29 +72,17 @@ def num_lanes(grid, window):
   return min(grid[0], (grid[1] - 1) // window + 1)
 
 
-def _token_keys(keys, idx):
-  """keys [B], raster indices [B, T] -> [B, T]: token i of image b always draws with
-  fold_in(keys[b], i), as plain AR decoding does."""
-  return jax.vmap(lambda k, i: jax.vmap(lambda j: jax.random.fold_in(k, j))(i))(keys, idx)
-
-
 def decode_zipar(target, params, labels, keys, window):
   """labels [B], keys [B] -> (tokens [B, N], stats). params: the backbone's."""
   h, w = target.model.grid
-  if not 1 <= window <= w:
-    raise ValueError(f'--zipar_window={window} must be in [1, {w}] (the grid width).')
   b, n_tok, prefix = labels.shape[0], h * w, target.prefix_len
-  greedy = target.sampling.greedy
   lanes = num_lanes((h, w), window)
   extra_query = window < w      # a row can start before the row above is complete
   t = lanes + int(extra_query)
   scratch = prefix + n_tok + jnp.arange(t)                              # [T]
-  probs, _, cache = target.prefill(params, labels, target.init_cache(b, extra_slots=t))
-  first = target_lib.sample_tokens(target_lib.sample_keys(keys, 0), probs, greedy)
-  s = ZipState(tokens=jnp.full((b, n_tok), -1, jnp.int32).at[:, 0].set(first),
-               fed=jnp.zeros((b, h), jnp.int32),
-               cache=target.commit(cache, jnp.full((b,), prefix)), passes=jnp.int32(1),
-               sample_passes=jnp.zeros((b,), jnp.int32))
+  start = state_lib.start(target, params, labels, keys, extra_slots=t, keep_hidden=False)
+  s = ZipState(tokens=start.tokens, fed=jnp.zeros((b, h), jnp.int32), cache=start.cache,
+               passes=start.passes, sample_passes=start.sample_passes)
   rows = jnp.arange(h)
 
   def body(s):
@@ -118,10 +125,7 @@ def decode_zipar(target, params, labels, keys, window):
     visible = jnp.concatenate([jnp.ones((b, t, prefix), bool), image, own_scratch], -1)
     probs, _, cache = target.forward(params, in_tok, slots, s.cache,
                                      rope_pos=(stand // w, stand % w), visible=visible)
-    if greedy:
-      new = target_lib.sample_tokens(None, probs, True)
-    else:
-      new = jax.vmap(jax.vmap(sampling_lib.sample))(_token_keys(keys, out), probs)
+    new = target.sample(keys_lib.token_keys(keys, out), probs)
     tokens = s.tokens.at[jnp.arange(b)[:, None], jnp.where(use, out, n_tok)].set(
         new, mode='drop')
     done = jnp.all(tokens >= 0, axis=-1)
@@ -140,3 +144,13 @@ def decode_zipar(target, params, labels, keys, window):
   stats = {'target_passes': s.passes, 'draft_passes': jnp.int32(0),
            'sample_passes': s.sample_passes}
   return s.tokens, stats
+
+
+def build(bundle, target, options):
+  window = options.resolve(bundle.model.grid)
+  return lambda params, labels, keys: decode_zipar(target, params['ar'], labels, keys, window)
+
+
+METHODS = (registry.Method(
+    'zipar', 'ZipAR multi-row front: next row starts after a window (LOSSY)', lossless=False,
+    needs=(), options=Options, build=build),)

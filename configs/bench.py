@@ -1,0 +1,67 @@
+"""bench.py's settings: every method on one checkpoint, the same classes and seeds.
+
+  python bench.py --config=configs/bench.py --out_dir=docs/bench          # docs/results.md
+  python bench.py --config=configs/bench.py --config.num_images=1000 --out_dir=/tmp/b
+  python bench.py --config=configs/bench.py:smoke --out_dir=/tmp/b         # seconds
+
+Each setting is (method, {option: value}) with the method's own option names (see
+`python sample.py --help`: --ssd_rounds is ('ssd', {'rounds': ...})). An ablation is a
+small config that imports this one and changes `settings`. Plain AR always runs first at
+`seed` (the baseline of every speed-up) and again at `noise_seed` (the noise level of FID).
+"""
+
+import ml_collections
+
+SETTINGS = (
+    ('speculative', {}),
+    ('ssd', {'rounds': 0}),
+    ('ssd', {'rounds': 1}),
+    ('ssd', {'rounds': 2}),
+    ('sjd', {}),
+    ('gsd', {}),
+    ('lantern', {}),
+    ('zipar', {}),
+    ('hawk', {}),
+    ('mulo', {}),
+)
+
+
+def get_config(arg=''):
+  config = ml_collections.ConfigDict()
+  config.checkpoint = ''  # Run folder; '' = the release in checkpoints/fmnist.
+  config.settings = SETTINGS  # (method, {option: value}) pairs compared with plain AR.
+  config.num_images = 128  # Images per setting.
+  config.batch_size = 16  # Images per decoding batch.
+  config.classes = ()  # Class ids, cycled; () = all classes.
+  config.seed = 0  # Seed of every setting (image i uses fold_in(key(seed), i)).
+  config.noise_seed = -1  # Seed of the second AR sample (the noise level); -1 = seed + 1.
+
+  config.sampling = ml_collections.ConfigDict()
+  config.sampling.temperature = 1.0  # 0 = greedy.
+  config.sampling.top_k = 0  # 0 = off.
+  config.sampling.top_p = 1.0  # 1 = off.
+  config.sampling.cfg_scale = 2.0  # Classifier-free guidance; 1 = off.
+
+  config.fid = ml_collections.ConfigDict()
+  config.fid.classifier = ''  # Classifier stage folder; '' = <checkpoint>/classifier.
+  config.fid.features = 'classifier'  # FID features: classifier, pkg.mod:factory, file.py:f.
+  config.fid.features_path = ''  # Passed to the factory (e.g. Inception weights).
+  config.fid.data_name = 'fashion_mnist_local'  # tfds dataset of the real images.
+  config.fid.data_dir = ''  # tfds data_dir; '' = the default.
+  config.fid.idx_dir = ''  # Fashion-MNIST IDX folder; '' = Debian's package location.
+  config.fid.split = 'test'  # Split of the real images.
+  config.fid.num_real = 10000  # Real images for FID, at most.
+
+  config.mesh = ml_collections.ConfigDict()
+  config.mesh.data = -1  # Devices on the 'data' axis (-1: all).
+  config.mesh.model = 1  # Devices on the 'model' axis.
+  config.progress = True  # Progress bars.
+
+  if arg == 'smoke':
+    config.settings = (('speculative', {}), ('ssd', {'rounds': 1}))
+    config.num_images = 8
+    config.batch_size = 8
+    config.fid.num_real = 200
+  elif arg:
+    raise ValueError(f'configs/bench.py:{arg}: the variants are "" and "smoke".')
+  return config
