@@ -14,14 +14,16 @@ from ssd_jax import runtime
 from ssd_jax import sample_job
 from ssd_jax.decoding import registry
 
-cli.define_flags(sample_job.SampleArgs, skip=('method', 'classes', 'options'))
+_ARGS = cli.define_flags(sample_job.SampleArgs, skip=('method', 'classes'))
 _METHOD = cli.flags.DEFINE_enum(
     'method', sample_job.SampleArgs.method, registry.names(),
     'Decoding method: ' + '; '.join(f'{m.name} ({m.summary})'
                                     for m in registry.all_methods()))
 _CLASSES = cli.flags.DEFINE_list('classes', None, sample_job.SampleArgs.__dataclass_fields__[
     'classes'].metadata['doc'])
-cli.define_method_flags()
+_KNOBS = cli.define_method_flags()
+for _name in _ARGS + _KNOBS:  # defined in ssd_jax/cli.py; listed by this script's --help
+  cli.flags.declare_key_flag(_name)
 
 
 def main(argv):

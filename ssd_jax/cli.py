@@ -56,21 +56,30 @@ def _define(name, default, doc, kind, choices=None):
 
 
 def define_flags(cls, skip=()):
-  """One flag per field of the dataclass `cls` (not those in `skip`)."""
+  """One flag per field of the dataclass `cls` (not those in `skip`); their names.
+
+  The script declares them key flags (flags.declare_key_flag), so its --help lists them.
+  """
   hints = typing.get_type_hints(cls)
+  names = []
   for f in dataclasses.fields(cls):
-    if f.name not in skip:
+    if f.name not in skip and f.metadata:
       _define(f.name, f.default, f.metadata.get('doc', ''), _base_type(hints[f.name]),
               f.metadata.get('choices'))
+      names.append(f.name)
+  return names
 
 
 def define_method_flags():
-  """--<method>_<field> for every option of every registered method."""
+  """--<method>_<field> for every option of every registered method; their names."""
+  names = []
   for method in registry.all_methods():
     hints = typing.get_type_hints(method.options)
     for name, default, doc, choices in registry.fields(method):
       _define(method.flag(name), default, f'{method.name}: {doc}', _base_type(hints[name]),
               choices)
+      names.append(method.flag(name))
+  return names
 
 
 def read(cls, **overrides):
@@ -126,7 +135,12 @@ def _parse(argv):
   try:
     rest = FLAGS(argv)
   except flags.Error as e:
-    fail(e)
+    message = str(e)
+    if 'Traceback' in message:  # an error inside a config file: keep its last line
+      message = f'{message.split(": ")[0]}: {message.strip().splitlines()[-1]}'
+    fail(message)
+  except AttributeError as e:  # config_flags' answer to --config.<a field it lacks>=...
+    fail(f'a --config.* flag names a field the config does not have: {str(e).strip(chr(34))}')
   if len(rest) > 1:
     fail(f'unexpected arguments: {" ".join(rest[1:])}')
   return rest

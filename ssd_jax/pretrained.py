@@ -24,6 +24,7 @@ from ssd_jax.models import vq
 from ssd_jax.models import vq16
 from ssd_jax.training import checkpoint
 
+BACKBONE = 'ar'  # the stage that holds the target model
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_RELEASE = os.path.join(REPO_ROOT, 'checkpoints', 'fmnist')
 

@@ -65,8 +65,9 @@ def param_shardings(bundle, params, mesh, rules):
   for name, tree in params.items():
     module = bundle.stage(name).module
     if getattr(module, 'num_heads', None):
-      sharding.check_heads_divisible(module.num_heads, mesh, rules, flag='--mesh_model',
-                                     what='the model' if name == 'ar' else f'the {name} stage')
+      sharding.check_heads_divisible(
+          module.num_heads, mesh, rules, flag='--mesh_model',
+          what='the model' if name == pretrained.BACKBONE else f'the {name} stage')
     boxed = pretrained.boxed_abstract_params(name, module)
     if jax.tree.structure(sharding.strip_boxes(boxed)) != jax.tree.structure(tree):
       raise ValueError(f'{bundle.run_dir}: the {name} parameters do not match the module '
@@ -128,8 +129,8 @@ def build_decoder(bundle, method, sampling, options=None, mesh=None, rules=None)
   if key in cache:
     return dataclasses.replace(cache[key], sampling=sampling)
   # The tokenizer's codebook enters as a constant (decoding/codebook.py), not a parameter.
-  params = {name: bundle.stage(name).params
-            for name in ('ar',) + tuple(n for n in spec.needs if n not in ('ar', 'tokenizer'))}
+  stages = [pretrained.BACKBONE] + [n for n in spec.needs if n != 'tokenizer']
+  params = {name: bundle.stage(name).params for name in dict.fromkeys(stages)}
   shardings = param_shardings(bundle, params, mesh, rules)
   params = sharding.put(params, shardings)
   batch = sharding.batch_sharding(mesh)
