@@ -187,3 +187,22 @@ def test_interleaved_rope_is_halves_rope_on_permuted_pairs():
   zeroed = layers.apply_rope(x, angles, interleaved=True, keep=keep)
   assert not np.any(zeroed[:, 0]) and np.allclose(zeroed[:, 1:], layers.apply_rope(
       x, angles, interleaved=True)[:, 1:])
+
+
+def test_methods_without_trained_stages_run_on_an_imported_model(run_dir, tmp_path):
+  """sample.py's job on the imported run: greedy sjd is greedy ar token for token (lossless
+  on LlamaGen's RoPE and norms too), zipar and gsd run, images decode through VQ-16."""
+  import helpers  # pylint: disable=g-import-not-at-top
+  from ssd_jax import sample_job  # pylint: disable=g-import-not-at-top
+  common = dict(checkpoint=run_dir, num_images=8, batch_size=8, temperature=0.0,
+                cfg_scale=2.0, progress=False)
+  tokens = {}
+  for method in ('ar', 'sjd', 'zipar', 'gsd'):
+    args = sample_job.SampleArgs(method=method, out=str(tmp_path / f'{method}.png'),
+                                 tokens_out=str(tmp_path / f'{method}.npy'), **common)
+    report = sample_job.run(args)
+    tokens[method] = np.load(args.tokens_out)
+    assert os.path.exists(args.out) and report['target_passes'] >= 1
+  bundle = pretrained.load(run_dir)
+  labels = np.arange(8) % bundle.model.num_classes
+  helpers.assert_greedy_equal(bundle, tokens['sjd'], tokens['ar'], labels, 2.0, 'sjd')

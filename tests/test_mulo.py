@@ -22,11 +22,12 @@ from configs import mulo_upsampler as mulo_upsampler_config
 from configs import tokenizer as tokenizer_config
 from ssd_jax import pretrained
 from ssd_jax import sample_job
-from ssd_jax import sharding
+from ssd_jax.decoding import codebook
 from ssd_jax.decoding import engine
-from ssd_jax.decoding import mulo
+from ssd_jax.decoding import registry
 from ssd_jax.decoding import sampling as sampling_lib
 from ssd_jax.decoding import target as target_lib
+from ssd_jax.decoding.methods import mulo
 from ssd_jax.models import mulo as mulo_models
 from ssd_jax.models import transformer
 from ssd_jax.models import vq
@@ -34,6 +35,7 @@ from ssd_jax.training import ar_stage
 from ssd_jax.training import loop
 from ssd_jax.training import mulo_stages
 from ssd_jax.training import stages
+import helpers  # pylint: disable=g-bad-import-order
 from test_data import write_fashion_idx  # pylint: disable=g-bad-import-order
 from test_training import read_metrics, without_evaluation  # pylint: disable=g-bad-import-order
 
@@ -102,8 +104,7 @@ def test_max_islands_bounds_a_checkerboard():
 
 # --- decoding on tiny random models ----------------------------------------------------------
 
-def init(module, key, *args):  # jitted: eager init dispatches (and compiles) op by op
-  return sharding.strip_boxes(jax.jit(lambda k: module.init(k, *args)['params'])(key))
+init = helpers.init_params  # jitted: eager init dispatches (and compiles) op by op
 
 
 def tiny_bundle(seed=0):
@@ -124,9 +125,8 @@ def tiny_bundle(seed=0):
   up = mulo_models.Upsampler(vocab_size=VOCAB, num_classes=3, grid=GRID, num_layers=1,
                              dim=16, num_heads=2, mlp_dim=32)
   up_params = init(up, keys[3], *mulo_models.upsampler_init_args(up))
-  return pretrained.Bundle('tiny', tok, tok_params, model, params, mulo_draft=drafter,
-                           mulo_draft_params=draft_params, mulo_upsampler=up,
-                           mulo_upsampler_params=up_params)
+  return helpers.bundle(model, params, tok, tok_params, mulo_draft=(drafter, draft_params),
+                        mulo_upsampler=(up, up_params))
 
 
 @pytest.fixture(scope='module')
@@ -136,28 +136,36 @@ def bundle():
 
 @pytest.fixture(scope='module')
 def mesh():
-  return sharding.make_mesh(1, 1, devices=jax.devices()[:1])
+  return helpers.one_device_mesh()
 
 
 def generate(bundle, mesh, method, sampling, num_images=8, seed=3, **options):
+  """engine.generate; options: the method's fields (e.g. tau=1.5), none = its defaults."""
   return engine.generate(bundle, method, sampling, num_images=num_images,
                          batch_size=num_images, seed=seed, mesh=mesh, progress=False,
-                         options=engine.Options(**options))
+                         options=options or None)
+
+
+def params_of(bundle):
+  """The params mulo's builder takes: {'ar', 'mulo_draft', 'mulo_upsampler'}."""
+  return {'ar': bundle.params, 'mulo_draft': bundle.stage('mulo_draft').params,
+          'mulo_upsampler': bundle.stage('mulo_upsampler').params}
 
 
 def decode(bundle, sampling, labels, keys, **options):
   """mulo's decoding function called directly (the per-sample stats engine sums away)."""
   target = target_lib.Target(bundle.model, sampling)
-  fn = jax.jit(mulo.build(bundle, target, engine.Options(**options)))
-  tokens, stats = fn(engine._params(bundle), labels, keys)  # pylint: disable=protected-access
+  fn = jax.jit(mulo.build(bundle, target, mulo.Options(**options)))
+  tokens, stats = fn(params_of(bundle), labels, keys)
   return np.asarray(tokens), jax.tree.map(np.asarray, stats)
 
 
 def draft_of(bundle, sampling, labels, keys):
   target = target_lib.Target(bundle.model, sampling)
-  fn = jax.jit(lambda p, l, k: mulo.draft_grid(target, bundle.mulo_draft,
-                                                bundle.mulo_upsampler, p, l, k)[0])
-  return np.asarray(fn(engine._params(bundle), labels, keys))  # pylint: disable=protected-access
+  fn = jax.jit(lambda p, l, k: mulo.draft_grid(target, bundle.stage('mulo_draft').module,
+                                                bundle.stage('mulo_upsampler').module, p, l,
+                                                k)[0])
+  return np.asarray(fn(params_of(bundle), labels, keys))
 
 
 LABELS = jnp.arange(8) % 3
@@ -165,7 +173,7 @@ KEYS = jax.random.split(jax.random.key(5), 8)
 
 
 def test_tau_zero_keeps_the_draft(bundle):
-  tokens, stats = decode(bundle, SAMPLED, LABELS, KEYS, mulo_tau=0.0)
+  tokens, stats = decode(bundle, SAMPLED, LABELS, KEYS, tau=0.0)
   np.testing.assert_array_equal(tokens, draft_of(bundle, SAMPLED, LABELS, KEYS))
   assert int(stats['target_passes']) == 1
   assert (stats['accepted_drafts'] == GRID[0] * GRID[1]).all()
@@ -177,7 +185,7 @@ def test_tau_above_one_resamples_everything_as_ar(bundle, mesh, sampling):
   """One island in raster order, each token seeing every earlier one: plain AR, with the
   same key per token as AR, so sampled tokens agree too."""
   ar = generate(bundle, mesh, 'ar', sampling)
-  out = generate(bundle, mesh, 'mulo', sampling, mulo_tau=1.5)
+  out = generate(bundle, mesh, 'mulo', sampling, tau=1.5)
   np.testing.assert_array_equal(out.tokens, ar.tokens)
   assert out.stats['target_passes'] == GRID[0] * GRID[1]  # verify + N - 1 (token 0 free)
   assert out.stats['lossless'] is False
@@ -188,16 +196,14 @@ def test_passes_follow_the_island_schedule(bundle):
   the longest island's positions (token 0 aside), one lane at a time 1 + all of them."""
   n = GRID[0] * GRID[1]
   target = target_lib.Target(bundle.model, GREEDY)
-  params = engine._params(bundle)  # pylint: disable=protected-access
-  codes = bundle.tokenizer.apply({'params': bundle.tokenizer_params},
-                                 method=bundle.tokenizer.codes)
-  neighbours = mulo.codebook_neighbours(codes, 8)
+  params = params_of(bundle)
+  neighbours = codebook.neighbours(bundle, 8)
 
   @jax.jit
   def rejection_map(params, labels, keys):  # what decode_mulo's verify pass rejects
-    draft, _ = mulo.draft_grid(target, bundle.mulo_draft, bundle.mulo_upsampler, params,
-                               labels, keys)
-    probs, _ = mulo.verify(target, params['backbone'], labels, draft,
+    draft, _ = mulo.draft_grid(target, bundle.stage('mulo_draft').module,
+                               bundle.stage('mulo_upsampler').module, params, labels, keys)
+    probs, _ = mulo.verify(target, params['ar'], labels, draft,
                            target.init_cache(labels.shape[0]))
     return ~mulo.pooled_accept(probs, draft, neighbours, 0.9), draft
 
@@ -208,8 +214,8 @@ def test_passes_follow_the_island_schedule(bundle):
            for b in range(len(LABELS))]
   assert max(len(s) for s in sizes) > 1, 'pick a tau that gives several islands'
   for lanes, schedule in ((0, lambda s: max(s, default=0)), (1, sum)):
-    tokens, stats = decode(bundle, GREEDY, LABELS, KEYS, mulo_tau=0.9, mulo_k=8,
-                           mulo_radius=0, mulo_lanes=lanes)
+    tokens, stats = decode(bundle, GREEDY, LABELS, KEYS, tau=0.9, k=8, radius=0,
+                           lanes=lanes)
     for b in range(len(LABELS)):
       assert stats['sample_passes'][b] == 1 + schedule(sizes[b]), (lanes, b)
       np.testing.assert_array_equal(tokens[b][~rejected[b]], draft[b][~rejected[b]])
@@ -218,22 +224,30 @@ def test_passes_follow_the_island_schedule(bundle):
 
 # --- knobs --------------------------------------------------------------------------------
 
-@pytest.mark.parametrize('field,value', [('mulo_tau', -0.1), ('mulo_tau', float('nan')),
-                                         ('mulo_k', -1), ('mulo_radius', -1),
-                                         ('mulo_lanes', -2)])
+@pytest.mark.parametrize('field,value', [('tau', -0.1), ('tau', float('nan')), ('k', -1),
+                                         ('radius', -1), ('lanes', -2)])
 def test_bad_knobs_are_refused_by_name(field, value):
-  args = sample_job.SampleArgs(method='mulo', checkpoint='/nonexistent', **{field: value})
-  with pytest.raises(ValueError, match=f'--{field}='):
+  args = sample_job.SampleArgs(method='mulo', checkpoint='/nonexistent',
+                               options={field: value})
+  with pytest.raises(ValueError, match=f'--mulo_{field}='):
     sample_job.run(args)
+  with pytest.raises(ValueError, match=f'--mulo_{field}='):
+    registry.get('mulo').validate(mulo.Options(**{field: value}))
 
 
 def test_build_refuses_what_does_not_fit(bundle, mesh):
   with pytest.raises(ValueError, match=f'--mulo_k={VOCAB} must be < {VOCAB}'):
-    generate(bundle, mesh, 'mulo', GREEDY, mulo_k=VOCAB)
-  bare = pretrained.Bundle('bare', bundle.tokenizer, bundle.tokenizer_params, bundle.model,
-                           bundle.params)
-  with pytest.raises(ValueError, match='needs the mulo_draft/ and mulo_upsampler/'):
+    generate(bundle, mesh, 'mulo', GREEDY, k=VOCAB)
+  bare = helpers.bundle(bundle.model, bundle.params, bundle.tokenizer,
+                        bundle.tokenizer_params)
+  with pytest.raises(ValueError, match='needs the mulo_draft/ stage'):
     generate(bare, mesh, 'mulo', GREEDY)
+  only_drafter = helpers.bundle(bundle.model, bundle.params, bundle.tokenizer,
+                                bundle.tokenizer_params, mulo_draft=(
+                                    bundle.stage('mulo_draft').module,
+                                    bundle.stage('mulo_draft').params))
+  with pytest.raises(ValueError, match='needs the mulo_upsampler/ stage'):
+    generate(only_drafter, mesh, 'mulo', GREEDY)
 
 
 # --- training stages ------------------------------------------------------------------------
@@ -286,8 +300,9 @@ def test_bundle_loads_the_stages_and_samples(workdir, mesh):
   root, work = workdir
   config = smoke_config(root, 'ar', num_steps=2)
   loop.train(config, work, without_evaluation(ar_stage.make_stage(config, work)))
-  bundle = pretrained.load(work)
-  assert bundle.mulo_draft.grid == (7, 7) and bundle.mulo_upsampler.grid == (14, 14)
+  bundle = pretrained.load(work, stages=registry.get('mulo').needs)
+  assert bundle.stage('mulo_draft').module.grid == (7, 7)
+  assert bundle.stage('mulo_upsampler').module.grid == (14, 14)
   out = generate(bundle, mesh, 'mulo', SAMPLED, num_images=2)
   assert out.tokens.shape == (2, 14, 14)
   assert 1 <= out.stats['target_passes'] <= 14 * 14

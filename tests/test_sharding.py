@@ -10,7 +10,6 @@ not divide the batch or the heads are refused before anything compiles.
 
 import concurrent.futures
 import dataclasses
-import functools
 import os
 import re
 
@@ -27,16 +26,18 @@ from ssd_jax import sample_job
 from ssd_jax import sharding
 from ssd_jax.data import pipeline
 from ssd_jax.decoding import engine
+from ssd_jax.decoding import registry
 from ssd_jax.decoding import sampling as sampling_lib
+from ssd_jax.models import hawk as hawk_model
 from ssd_jax.models import heads as heads_lib
-from ssd_jax.models import transformer
+from ssd_jax.models import mulo as mulo_models
 from ssd_jax.models import vq
 from ssd_jax.training import ar_stage
 from ssd_jax.training import checkpoint
 from ssd_jax.training import heads_stage
 from ssd_jax.training import loop
+import helpers  # pylint: disable=g-bad-import-order
 from test_data import write_fashion_idx  # pylint: disable=g-bad-import-order
-import test_decoding as decoding_test  # pylint: disable=g-bad-import-order
 import test_training as training_test  # pylint: disable=g-bad-import-order
 
 Sampling = sampling_lib.Sampling
@@ -48,7 +49,7 @@ DIM = 32
 LABELS = engine.class_labels(8, NUM_CLASSES)  # as sample.py draws them
 SAMPLINGS = {'greedy': Sampling(temperature=0.0, cfg_scale=3.0),
              'sampled': Sampling(temperature=1.0, cfg_scale=3.0)}
-OPTIONS = engine.Options(draft_len=3, sjd_window=4)
+OPTIONS = {'speculative': {'draft_len': 3}, 'ssd': {'draft_len': 3}, 'sjd': {'window': 4}}
 DATA_SPLIT = [(method, s) for method in ('ar', 'speculative', 'ssd', 'sjd') for s in SAMPLINGS]
 MODEL_SPLIT = [('ar', 'greedy'), ('speculative', 'greedy')]
 # Float sums reorder under sharding. Measured here: model-split logits (|logit| <= 9)
@@ -68,15 +69,17 @@ def mesh_of(data, model):
 
 def tiny_bundle(num_heads=2, mlp_dim=64, abstract=False):
   """A random 1-layer backbone with peaked logits (greedy ties become negligible) and heads
-  pushed towards copying their source state, so drafts get accepted (see test_decoding)."""
-  model = transformer.Transformer(vocab_size=VOCAB, num_classes=NUM_CLASSES, grid=GRID,
-                                  num_layers=1, dim=DIM, num_heads=num_heads, mlp_dim=mlp_dim)
+  pushed towards copying their source state, so drafts get accepted (helpers.heads_bundle).
+  abstract: parameter shapes only, made without jax.jit (which no_compile replaces)."""
+  if not abstract:
+    return helpers.heads_bundle(VOCAB, GRID, num_horizontal=2, num_layers=1, dim=DIM,
+                                num_heads=num_heads, mlp_dim=mlp_dim)
+  model = helpers.tiny_model(VOCAB, GRID, NUM_CLASSES, num_layers=1, dim=DIM,
+                             num_heads=num_heads, mlp_dim=mlp_dim)
   heads = heads_lib.NeighbourHeads(num_horizontal=2, num_vertical=1, dim=DIM, mlp_dim=32)
-
-  init = functools.partial(decoding_test.init_peaked_with_copying_heads, model, heads)
-  key = jax.random.key(0)
-  params, head_params = jax.eval_shape(init, key) if abstract else jax.jit(init)(key)
-  return pretrained.Bundle('tiny-random', None, None, model, params, heads, head_params)
+  shapes = lambda stage, module: sharding.strip_boxes(
+      pretrained.boxed_abstract_params(stage, module))
+  return helpers.bundle(model, shapes('ar', model), heads=(heads, shapes('heads', heads)))
 
 
 TOKENIZER_SPEC = dict(codebook_size=VOCAB, code_dim=4, channels=8, num_res_blocks=0,
@@ -122,7 +125,8 @@ def run_dir(tmp_path_factory, tiny):
                          if f.name not in ('parent', 'name')}
   save_stage(str(root / 'ar'), {'transformer': spec(tiny.model), 'class_names': []},
              tiny.params)
-  save_stage(str(root / 'heads'), {'heads': spec(tiny.heads)}, tiny.heads_params)
+  heads = tiny.stage('heads')
+  save_stage(str(root / 'heads'), {'heads': spec(heads.module)}, heads.params)
   return str(root)
 
 
@@ -140,11 +144,10 @@ def decoded(tiny):
           + [(m, s, (4, 2)) for m, s in MODEL_SPLIT])
   inputs = {}
   for method, s, shape in jobs:
-    fn, params, _, mesh = engine.build_decoder(tiny, method, SAMPLINGS[s], OPTIONS,
-                                               mesh_of(*shape))
-    args = (params, sharding.put_batch(LABELS, mesh),
-            sharding.put_batch(engine.image_keys(0, 0, len(LABELS)), mesh))
-    inputs[method, s, shape] = fn.lower(*args), args
+    decoder = engine.build_decoder(tiny, method, SAMPLINGS[s], OPTIONS.get(method),
+                                   mesh_of(*shape))
+    args = decoder.inputs(LABELS, engine.image_keys(0, 0, len(LABELS)))
+    inputs[method, s, shape] = decoder.jitted.lower(*args), args
   with concurrent.futures.ThreadPoolExecutor(2) as pool:
     compiled = dict(zip(jobs, pool.map(lambda job: inputs[job][0].compile(
         compiler_options={'xla_backend_optimization_level': 0}), jobs)))
@@ -164,8 +167,8 @@ def guided_logits(bundle, mesh, tokens, labels, cfg_scale):
   """Teacher-forced guided logits [B, N, V] with the parameters placed as build_decoder
   places them on `mesh` (the same logical rules and activation constraints)."""
   rules = sharding.DEFAULT_RULES
-  shardings = engine.param_shardings(bundle, {'backbone': bundle.params}, mesh, rules)
-  params = jax.device_put(bundle.params, shardings['backbone'])
+  shardings = engine.param_shardings(bundle, {'ar': bundle.params}, mesh, rules)
+  params = jax.device_put(bundle.params, shardings['ar'])
   all_labels = np.concatenate([labels, np.full_like(labels, bundle.model.null_class)])
 
   def logits_fn(params, tokens, labels):
@@ -173,7 +176,7 @@ def guided_logits(bundle, mesh, tokens, labels, cfg_scale):
       logits, _ = bundle.model.apply({'params': params}, tokens, labels)
     return sampling_lib.guide(logits.reshape((2, -1) + logits.shape[1:]), cfg_scale)
 
-  fn = jax.jit(logits_fn, in_shardings=(shardings['backbone'], sharding.batch_sharding(
+  fn = jax.jit(logits_fn, in_shardings=(shardings['ar'], sharding.batch_sharding(
       mesh, 2), sharding.batch_sharding(mesh)))
   return np.asarray(fn(params, np.concatenate([tokens, tokens]), all_labels)), params
 
@@ -212,7 +215,8 @@ def test_sample_job_on_a_mesh(run_dir, decoded, tmp_path):
   """sample.py's job end to end with --mesh_data=4 --mesh_model=2: outputs written, tokens
   those of one device."""
   args = sample_job.SampleArgs(method='speculative', num_images=8, batch_size=8,
-                               temperature=0.0, cfg_scale=3.0, draft_len=OPTIONS.draft_len,
+                               temperature=0.0, cfg_scale=3.0,
+                               options=OPTIONS['speculative'],
                                checkpoint=run_dir, out=str(tmp_path / 'samples.png'),
                                tokens_out=str(tmp_path / 'tokens.npy'),
                                report=str(tmp_path / 'report.json'), mesh_data=4,
@@ -225,9 +229,45 @@ def test_sample_job_on_a_mesh(run_dir, decoded, tmp_path):
   assert report['target_passes'] < GRID[0] * GRID[1]
 
 
-def test_every_module_of_a_method_is_split_by_the_rules(tiny):
-  # An entry of the params dict without a row in PARAM_MODULES would stay replicated.
-  assert set(engine._params(tiny)) <= set(engine.PARAM_MODULES)  # pylint: disable=protected-access
+def test_every_stage_of_every_method_is_split_by_the_rules(tiny, run_dir):
+  """Each entry of a decoder's params (the backbone and every stage its method needs) is
+  placed on the mesh by the logical axis rules: one the engine placed otherwise would stay
+  replicated, or on one device."""
+  mesh = mesh_of(4, 2)
+  keys = jax.random.split(jax.random.key(1), 3)
+  tok, tok_params, _ = pretrained.load_stage(os.path.join(run_dir, 'tokenizer'), 'tokenizer')
+  drafter = hawk_model.HawkDrafter(dim=DIM, grid=GRID, width=16, num_heads=2, mlp_dim=32,
+                                   num_layers=1, window_rows=1, window_cols=1)
+  up = mulo_models.Upsampler(vocab_size=VOCAB, num_classes=NUM_CLASSES, grid=GRID,
+                             num_layers=1, dim=16, num_heads=2, mlp_dim=32)
+  low = helpers.tiny_model(VOCAB, up.low_grid, NUM_CLASSES, num_layers=1, dim=16,
+                           num_heads=2, mlp_dim=32)
+  heads = tiny.stage('heads')
+  bundle = helpers.bundle(
+      tiny.model, tiny.params, tok, tok_params, heads=(heads.module, heads.params),
+      hawk_draft=(drafter, helpers.init_params(
+          drafter, keys[0], *pretrained.init_args('hawk_draft', drafter))),
+      mulo_draft=(low, helpers.model_params(low, keys[1])),
+      mulo_upsampler=(up, helpers.init_params(up, keys[2],
+                                              *mulo_models.upsampler_init_args(up))))
+  options = dict(OPTIONS, lantern={'k': 8})  # its default k exceeds this codebook
+  split = set()
+  for method in registry.all_methods():
+    decoder = engine.build_decoder(bundle, method.name, Sampling(), options.get(method.name),
+                                   mesh)
+    # The tokenizer's codebook enters as a constant, not a parameter.
+    assert set(decoder.params) == {'ar', *method.needs} - {'tokenizer'}, method.name
+    for name, tree in decoder.params.items():
+      want = pretrained.param_shardings(name, bundle.stage(name).module, mesh)
+      assert jax.tree.structure(tree) == jax.tree.structure(want), (method.name, name)
+      for (path, x), s in zip(jax.tree_util.tree_leaves_with_path(tree), jax.tree.leaves(want)):
+        where = f'{method.name}: {name}{jax.tree_util.keystr(path)}'
+        assert isinstance(x.sharding, jax.sharding.NamedSharding), where
+        assert x.sharding.mesh == mesh and x.sharding.is_equivalent_to(s, x.ndim), where
+        if 'model' in jax.tree.leaves(tuple(s.spec)):
+          split.add(name)
+  # The rules do split more than the backbone: the drafters' heads, MLPs and vocabularies.
+  assert {'ar', 'hawk_draft', 'mulo_draft', 'mulo_upsampler'} <= split, split
 
 
 @pytest.fixture

@@ -119,9 +119,9 @@ def build_decoder(bundle, method, sampling, options=None, mesh=None, rules=None)
   the bundle: the same method, options, static sampling settings and mesh reuse one.
   """
   spec = registry.get(method)
+  check_stages(bundle, spec)  # before the options, whose checks may read the stages
   options = resolve_options(spec, options, bundle)
   sampling.validate(bundle.model.vocab_size)
-  check_stages(bundle, spec)
   mesh = mesh or sharding.make_mesh(-1, 1)
   rules = sharding.DEFAULT_RULES if rules is None else tuple(rules)
   key = (method, options, sampling.static_key(), mesh, rules)
