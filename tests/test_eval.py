@@ -62,19 +62,14 @@ def test_token_nll_of_a_uniform_model_is_log2_vocab():
   assert nll(tokens, np.zeros(11)) == pytest.approx(4.0)
 
 
-def test_settings_are_parsed_and_bad_ones_refused():
-  args = bench_job.BenchArgs(methods=['ar', 'speculative', 'ssd'], ssd_rounds=[0, 2],
-                             options=['draft_len=3'], settings=['ssd:ssd_rounds=1,draft_len=2'])
-  settings = bench_job.parse_settings(args)
-  assert [s.label for s in settings] == ['ar', 'ar (seed 1)', 'speculative',
-                                         'ssd ssd_rounds=0', 'ssd ssd_rounds=2',
-                                         'ssd ssd_rounds=1 draft_len=2']
-  assert settings[2].options.draft_len == 3 and settings[5].options.draft_len == 2
-  for bad in (dict(methods=['nope']), dict(options=['no_such_knob=1']),
-              dict(options=['draft_len=two']), dict(settings=['nope:draft_len=1']),
-              dict(methods=['ar'], ssd_rounds=[1]), dict(options=['ssd_rounds=-1'])):
-    with pytest.raises(ValueError):
-      bench_job.parse_settings(bench_job.BenchArgs(**bad))
+def bench_config(smoke_run, **fields):
+  from configs import bench  # pylint: disable=g-import-not-at-top
+  config = bench.get_config('smoke')
+  config.checkpoint = smoke_run.workdir
+  config.fid.data_dir, config.fid.idx_dir = smoke_run.data_dir, smoke_run.idx_dir
+  config.progress = False
+  config.update(fields)
+  return config
 
 
 def test_plugged_in_extractor_from_a_file(tmp_path):
@@ -133,17 +128,15 @@ def smoke_run(tmp_path_factory):
 
 def test_bench_end_to_end_writes_table_json_and_plot(smoke_run, tmp_path):
   out_dir = str(tmp_path / 'out')
-  args = bench_job.BenchArgs(
-      methods=['ar', 'speculative', 'ssd'], ssd_rounds=[0], num_images=16, batch_size=8,
-      checkpoint=smoke_run.workdir, data_dir=smoke_run.data_dir, idx_dir=smoke_run.idx_dir,
-      out_dir=out_dir, progress=False, command='python bench.py --smoke')
-  summary = bench_job.run(args)
+  config = bench_config(smoke_run, num_images=16, batch_size=8,
+                        settings=(('speculative', {}), ('ssd', {'rounds': 0})))
+  summary = bench_job.run(config, out_dir, command='python bench.py --smoke')
   for name in ('results.md', 'results.json', 'speedup_vs_fid.png', 'samples.png'):
     assert os.path.getsize(os.path.join(out_dir, name)) > 0, name
   with open(os.path.join(out_dir, 'results.json')) as f:
     saved = json.load(f)
   labels = [r['label'] for r in saved['rows']]
-  assert labels == ['ar', 'ar (seed 1)', 'speculative', 'ssd ssd_rounds=0']
+  assert labels == ['ar', 'ar (seed 1)', 'speculative', 'ssd rounds=0']
   rows = {r['label']: r for r in saved['rows']}
   assert rows['ar']['speedup_passes'] == 1.0 and rows['ar']['fid_ar'] is None
   assert rows['ar (seed 1)']['fid_ar'] == pytest.approx(summary['noise_fid'])
@@ -151,17 +144,21 @@ def test_bench_end_to_end_writes_table_json_and_plot(smoke_run, tmp_path):
     assert 0.0 <= row['class_accuracy'] <= 1.0
     assert np.isfinite(row['fid_real']) and row['nll_bits'] > 0
   # Fewer target passes per image than AR is the whole point of the speculative methods.
-  assert rows['ssd ssd_rounds=0']['target_passes'] < rows['ar']['target_passes']
+  assert rows['ssd rounds=0']['target_passes'] < rows['ar']['target_passes']
+  assert saved['checkpoint'] == smoke_run.workdir  # outside the repository: as given
   table = open(os.path.join(out_dir, 'results.md')).read()
-  assert 'python bench.py --smoke' in table and '| ssd ssd_rounds=0 |' in table
+  assert 'python bench.py --smoke' in table and '| ssd rounds=0 |' in table
   assert 'noise level' in table
 
 
 def test_bench_refuses_a_checkpoint_without_classifier_or_data(smoke_run, tmp_path):
-  common = dict(methods=['ar'], num_images=8, batch_size=8, checkpoint=smoke_run.workdir,
-                data_dir=smoke_run.data_dir, idx_dir=smoke_run.idx_dir,
-                out_dir=str(tmp_path), progress=False)
+  config = bench_config(smoke_run, settings=())
+  config.fid.classifier = str(tmp_path / 'none')
   with pytest.raises(FileNotFoundError, match='no classifier stage'):
-    bench_job.run(bench_job.BenchArgs(classifier=str(tmp_path / 'none'), **common))
-  with pytest.raises(ValueError, match='unknown method'):
-    bench_job.run(bench_job.BenchArgs(**dict(common, methods=['ar', 'warp'])))
+    bench_job.run(config, str(tmp_path))
+  with pytest.raises(ValueError, match="unknown method 'warp'"):
+    bench_job.run(bench_config(smoke_run, settings=(('warp', {}),)), str(tmp_path))
+  config = bench_config(smoke_run, settings=())
+  config.fid.data_dir, config.fid.idx_dir = str(tmp_path / 'no_tfds'), str(tmp_path / 'no_idx')
+  with pytest.raises((ValueError, FileNotFoundError), match='no_idx|no_tfds'):
+    bench_job.run(config, str(tmp_path))
