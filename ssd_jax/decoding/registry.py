@@ -7,7 +7,8 @@ carry their doc, see `option`, with `validate(bundle)`), and its builder
   build(bundle, target, options) -> fn(params, labels [B], keys [B]) -> (tokens [B, N], stats)
 
 where params = {'ar': backbone params, <each needed stage>: its params} (the tokenizer's
-codebook enters as a constant instead, see codebook.py). The engine, the
+codebook enters as a constant instead, see codebook.py), and the size of the block one
+target pass feeds, `block_tokens(options, grid)`. The engine, the
 CLI and the benchmark read these declarations and name no method. To add one, write
 methods/<file>.py defining METHODS = (Method(...),) and add the file's name to MODULES.
 """
@@ -50,6 +51,9 @@ class Method:
   needs: tuple        # stages besides tokenizer/ and ar/ (train.py stage names)
   options: type       # frozen dataclass of the knobs, fields made with `option`
   build: Callable     # (bundle, target, options) -> fn(params, labels, keys)
+  # (options, grid) -> tokens per sample one target pass of the loop feeds: the block it
+  # verifies (speed_bench.py times a bare forward of that many tokens as the floor).
+  block_tokens: Callable
 
   def flag(self, field):
     """The command-line flag of an option field: --<method>_<field>."""

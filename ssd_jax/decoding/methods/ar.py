@@ -39,4 +39,5 @@ def build(bundle, target, options):
 
 
 METHODS = (registry.Method('ar', 'plain raster decoding, one token per pass (the baseline)',
-                           lossless=True, needs=(), options=registry.NoOptions, build=build),)
+                           lossless=True, needs=(), options=registry.NoOptions, build=build,
+                           block_tokens=lambda options, grid: 1),)

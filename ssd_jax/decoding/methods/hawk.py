@@ -249,4 +249,5 @@ def build(bundle, target, options):
 
 METHODS = (registry.Method(
     'hawk', 'Hawk: 2D local-attention draft model, horizontal + vertical drafts verified as '
-    'a tree (lossless)', lossless=True, needs=('hawk_draft',), options=Options, build=build),)
+    'a tree (lossless)', lossless=True, needs=('hawk_draft',), options=Options, build=build,
+    block_tokens=lambda options, grid: len(tree(options.draft_len)[0])),)

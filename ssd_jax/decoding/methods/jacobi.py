@@ -168,8 +168,10 @@ def build_gsd(bundle, target, options):
 
 METHODS = (
     registry.Method('sjd', 'speculative Jacobi decoding: the model drafts its next window '
-                    '(lossless)', lossless=True, needs=(), options=Options, build=build_sjd),
+                    '(lossless)', lossless=True, needs=(), options=Options, build=build_sjd,
+                    block_tokens=lambda options, grid: options.window + 1),
     registry.Method('gsd', 'grouped speculative decoding: sjd accepting clusters of similar '
                     'tokens (LOSSY)', lossless=False, needs=('tokenizer',),
-                    options=GroupedOptions, build=build_gsd),
+                    options=GroupedOptions, build=build_gsd,
+                    block_tokens=lambda options, grid: options.window + 1),
 )

@@ -44,4 +44,5 @@ def build(bundle, target, options):
 
 METHODS = (registry.Method(
     'lantern', 'LANTERN relaxed acceptance over latent neighbours, head drafts (LOSSY)',
-    lossless=False, needs=('heads', 'tokenizer'), options=Options, build=build),)
+    lossless=False, needs=('heads', 'tokenizer'), options=Options, build=build,
+    block_tokens=lambda options, grid: options.draft_len + 1),)

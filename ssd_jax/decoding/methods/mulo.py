@@ -270,4 +270,6 @@ def build(bundle, target, options):
 METHODS = (registry.Method(
     'mulo', 'MuLo-SD: low-res drafter + upsampler, one verify pass, local resampling of '
     'rejected islands (LOSSY)', lossless=False,
-    needs=('tokenizer', 'mulo_draft', 'mulo_upsampler'), options=Options, build=build),)
+    needs=('tokenizer', 'mulo_draft', 'mulo_upsampler'), options=Options, build=build,
+    # The loop's passes (the one verify pass before it feeds the whole grid).
+    block_tokens=lambda options, grid: 2 * (options.lanes or max_islands(grid, options.radius))),)

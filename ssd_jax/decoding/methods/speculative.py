@@ -65,4 +65,5 @@ def build(bundle, target, options):
 
 METHODS = (registry.Method(
     'speculative', 'exact speculative decoding, neighbour-head drafts (lossless)',
-    lossless=True, needs=('heads',), options=drafts.HeadOptions, build=build),)
+    lossless=True, needs=('heads',), options=drafts.HeadOptions, build=build,
+    block_tokens=lambda options, grid: options.draft_len + 1),)

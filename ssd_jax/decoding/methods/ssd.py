@@ -143,4 +143,5 @@ def build(bundle, target, options):
 
 METHODS = (registry.Method(
     'ssd', 'SSD row schedule: vertical row drafts, r verify rounds (LOSSY)', lossless=False,
-    needs=('heads',), options=Options, build=build),)
+    needs=('heads',), options=Options, build=build,
+    block_tokens=lambda options, grid: max(options.draft_len + 1, grid[1])),)

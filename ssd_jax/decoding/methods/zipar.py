@@ -153,4 +153,6 @@ def build(bundle, target, options):
 
 METHODS = (registry.Method(
     'zipar', 'ZipAR multi-row front: next row starts after a window (LOSSY)', lossless=False,
-    needs=(), options=Options, build=build),)
+    needs=(), options=Options, build=build,
+    block_tokens=lambda options, grid: (num_lanes(grid, options.resolve(grid))
+                                        + int(options.resolve(grid) < grid[1]))),)
