@@ -89,7 +89,7 @@ class HeadDrafter:
     above = pos - grid_w
     src_v = gather(hidden, above, axis=2)                         # [G, B, k, D]
     emb_v = self._emb(params, gather(tokens, above, axis=1))
-    ver = self._apply(params, self.heads.all_vertical, src_v, emb_v)[..., 0, :]
+    ver = self._apply(params, self.heads.first_vertical, src_v, emb_v)
     ver_ok = (above >= 0) & (above <= last[:, None])
     use_h = hor_ok & ((dist <= self.horizontal_first) | ~ver_ok)
     pred = jnp.where(use_h[None, ..., None], hor, ver)            # [G, B, k, D]
@@ -102,5 +102,5 @@ class HeadDrafter:
     above = (y - 1)[:, None] * grid_w + jnp.arange(grid_w)[None]  # [B, W]
     src = gather(hidden, above, axis=2)
     emb = self._emb(params, gather(tokens, above, axis=1))
-    ver = self._apply(params, self.heads.all_vertical, src, emb)[..., 0, :]
+    ver = self._apply(params, self.heads.first_vertical, src, emb)
     return self.target.draft_probs(params['ar'], ver)

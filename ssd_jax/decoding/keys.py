@@ -38,7 +38,11 @@ def fold(keys, *values):
 
 
 def pass_keys(keys, passes, stream, offset=0):
-  """[B] keys of stream `stream` (+ offset) in pass `passes`."""
+  """[B] keys of stream `stream` (+ offset) in pass `passes` ([] or each sample's own [B])."""
+  passes = jnp.asarray(passes)
+  if passes.ndim:
+    keys = jax.vmap(jax.random.fold_in)(keys, passes)
+    return fold(keys, int(stream) + offset)
   return fold(keys, passes, int(stream) + offset)
 
 
@@ -53,7 +57,7 @@ def token_keys(keys, idx):
   return jax.vmap(lambda k, i: jax.vmap(lambda j: jax.random.fold_in(k, j))(i))(keys, idx)
 
 
-def uniforms(keys, passes, stream, shape, greedy):
+def uniforms(keys, passes, stream, shape, greedy):  # passes: [] or [B]
   """[B, *shape] uniforms in [0, 1) of a stream; zeros at temperature 0, where the exact
   rule with one-hot p and q is the argmax match and the lossy rules accept by mass."""
   if greedy:

@@ -46,3 +46,7 @@ class NeighbourHeads(nn.Module):
   def all_vertical(self, hidden, token_emb):
     z = jnp.concatenate([hidden, token_emb], -1)
     return jnp.stack([head(z) for head in self.vertical], axis=-2)
+
+  def first_vertical(self, hidden, token_emb):
+    """The (y+1, x) head alone, [..., D] (decoding uses no other vertical head)."""
+    return self.vertical[0](jnp.concatenate([hidden, token_emb], -1))

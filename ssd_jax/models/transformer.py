@@ -22,19 +22,19 @@ from ssd_jax.models import layers
 
 @flax.struct.dataclass
 class KVCache:
-  k: jax.Array       # [L, B, S, H, Dh] keys, S static
-  v: jax.Array       # [L, B, S, H, Dh] values
+  k: jax.Array       # [L, B, H, S, Dh] keys, S static
+  v: jax.Array       # [L, B, H, S, Dh] values
   length: jax.Array  # [B] int32: slots [0, length) hold committed entries
 
   @classmethod
   def create(cls, num_layers, batch, max_len, num_heads, head_dim, dtype=jnp.float32):
-    shape = (num_layers, batch, max_len, num_heads, head_dim)
+    shape = (num_layers, batch, num_heads, max_len, head_dim)
     return cls(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
                length=jnp.zeros((batch,), jnp.int32))
 
   @property
   def max_len(self):
-    return self.k.shape[2]
+    return self.k.shape[3]
 
   def commit(self, length):
     return self.replace(length=jnp.asarray(length, jnp.int32))
@@ -68,13 +68,17 @@ class Attention(nn.Module):
     k = layers.apply_rope(k, angles, self.rope_interleaved, rope_keep)
     if cache is not None:
       bidx = jnp.arange(b)[:, None]
-      cache = cache.replace(k=cache.k.at[layer, bidx, slots].set(k.astype(cache.k.dtype)),
-                            v=cache.v.at[layer, bidx, slots].set(v.astype(cache.v.dtype)))
-      k, v = cache.k[layer], cache.v[layer]  # [B, S, H, Dh]
-    scores = jnp.einsum('bthd,bshd->bhts', q, k) / jnp.sqrt(self.head_dim).astype(q.dtype)
+      # Heads before slots: attention reads each head's keys as one contiguous [S, Dh].
+      cache = cache.replace(
+          k=cache.k.at[layer, bidx, :, slots].set(k.astype(cache.k.dtype)),
+          v=cache.v.at[layer, bidx, :, slots].set(v.astype(cache.v.dtype)))
+      k, v = cache.k[layer], cache.v[layer]  # [B, H, S, Dh]
+    else:
+      k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, H, T, Dh]
+    scores = jnp.einsum('bthd,bhsd->bhts', q, k) / jnp.sqrt(self.head_dim).astype(q.dtype)
     scores = jnp.where(mask[:, None], scores, jnp.finfo(scores.dtype).min)
     probs = jax.nn.softmax(scores, axis=-1)
-    y = jnp.einsum('bhts,bshd->bthd', probs, v).reshape(b, t, self.num_heads * self.head_dim)
+    y = jnp.einsum('bhts,bhsd->bthd', probs, v).reshape(b, t, self.num_heads * self.head_dim)
     return layers.Dense(x.shape[-1], ('heads', 'embed'), name='out')(y), cache
 
 

@@ -194,8 +194,9 @@ class HawkDecoder:
     src = jnp.where(e < a[:, None], p + n[:, None] - 1 + path[:, 1:], dst)
     dst, src = jnp.tile(dst, (g, 1)), jnp.tile(src, (g, 1))
     bidx = jnp.arange(dst.shape[0])[:, None]
-    return cache.replace(k=cache.k.at[:, bidx, dst].set(cache.k[:, bidx, src]),
-                         v=cache.v.at[:, bidx, dst].set(cache.v[:, bidx, src]))
+    # The cache is [L, B, H, S, Dh]: the slot axis comes after the heads.
+    return cache.replace(k=cache.k.at[:, bidx, :, dst].set(cache.k[:, bidx, :, src]),
+                         v=cache.v.at[:, bidx, :, dst].set(cache.v[:, bidx, :, src]))
 
   def step(self, params, keys, s):
     """One pass: draft, verify the tree, accept, commit."""

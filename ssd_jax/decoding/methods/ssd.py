@@ -12,7 +12,10 @@ heads). Every later row y is then handled in 1 + r target passes:
 Positions are checked against p computed from a draft context, not the final one, so
 the output distribution is not exactly the target's (this is what the paper trades);
 with greedy decoding and r >= W - 1 the rounds converge and the result equals AR.
-Sequential passes: 1 (prefill) + row-0 passes + (H - 1) * (1 + r), per sample.
+Sequential passes: 1 (prefill) + row-0 passes + (H - 1) * (1 + r), per sample. Row 0 is a
+loop of (k + 1)-token passes in which each sample moves at its own pace; the rows after it
+take exactly 1 + r passes each, so they run for all samples in step (a loop over rows, the
+vertical heads drafting each row once).
 """
 
 import dataclasses
@@ -39,99 +42,94 @@ class Options(drafts.HeadOptions):
     registry.check(self.rounds >= 0, 'rounds', self.rounds, 'must be >= 0.')
 
 
-def _pad(x, t):  # [B, T'] -> [B, t]
-  return jnp.pad(x, ((0, 0), (0, t - x.shape[1])))
-
-
-def row_finish(target, keys, s, probs, hidden, rounds, active):
-  """Applies one row pass (a verify round or the commit) to samples in the row phase.
-
-  `s.cache` already holds the pass's keys/values; probs [B, t, V], hidden [G, B, t, D].
-  s.extra: row [B, W] current tokens of the row being decoded, row_q [B, W, V] the
-  distribution each was drawn from, round [B] passes spent on the row so far.
-  """
-  row, row_q, round_ = s.extra['row'], s.extra['row_q'], s.extra['round']
-  b, n_tok = s.tokens.shape
+def decode_row0(target, drafter, params, keys, s, k):
+  """Row 0 and token (1, 0): exact speculative passes of k + 1 tokens whose drafts stay in
+  row 0 (samples move at their own pace); s.extra['row0_passes'] counts each one's."""
   w = target.model.grid[1]
-  y = (s.length - 1) // w                                          # [B]
-  # Verify round: positions 1..W-1 against p from outputs 0..W-2.
+  limit = jnp.full(s.length.shape, w)
+
+  def body(s):
+    active = s.length <= w  # token (1, 0) not sampled yet
+    block, slots, drafted = speculative.draft_block(target, drafter, params, keys, s, k, limit)
+    probs, hidden, cache = target.forward(params['ar'], block, slots, s.cache)
+    s = speculative.accept_block(target, keys, s, probs, hidden, cache, drafted, active)
+    s = s.replace(extra=dict(s.extra, row0_passes=s.extra['row0_passes'] + active))
+    return state_lib.count_pass(s, active)
+
+  return jax.lax.while_loop(lambda s: jnp.any(s.length <= w), body, s)
+
+
+def verify_round(target, keys, own, row, row_q, probs):
+  """One verify round over the row [B, W] from this pass's p (probs [B, W, V]): positions
+  1..W-1 against p from outputs 0..W-2, each accepted or resampled independently; the
+  corrected row and its q (this p) are the next round's draft."""
+  w = row.shape[1]
   p = probs[:, :w - 1]
   drafted = row[:, 1:]
   if target.sampling.greedy:
     ok, resample = acceptance.accept_greedy(p, drafted)
   else:
-    u = keys_lib.uniforms(keys, s.passes, Stream.ROW_ACCEPT, (w - 1,), False)
+    u = keys_lib.uniforms(keys, own, Stream.ROW_ACCEPT, (w - 1,), False)
     ok, resample = acceptance.accept_exact(u, p, row_q[:, 1:], drafted)
-  fixed = target.sample(keys_lib.pass_keys(keys, s.passes, Stream.ROW_FIX), resample)
-  verified_row = row.at[:, 1:].set(jnp.where(ok, drafted, fixed))
-  verified_q = row_q.at[:, 1:].set(p)
-  # Commit pass: the row is final; store its hidden states and start the next row.
-  row_start = y * w
-  bidx = jnp.arange(b)[:, None]
-  cols = jnp.arange(w)[None]
-  tokens = s.tokens.at[bidx, row_start[:, None] + cols].set(row, mode='drop')
-  # Output j predicts position row_start + j + 1 (the last one: (y + 1, 0)).
-  h_idx = jnp.where(row_start[:, None] + cols + 1 < n_tok, row_start[:, None] + cols + 1,
-                    n_tok)
-  hid = s.hidden.at[:, bidx, h_idx].set(hidden[:, :, :w], mode='drop')
-  nxt = target.sample(keys_lib.pass_keys(keys, s.passes, Stream.ROW_NEXT), probs[:, w - 1])
-  nxt_idx = jnp.where(row_start + w < n_tok, row_start + w, n_tok)
-  tokens = tokens.at[jnp.arange(b), nxt_idx].set(nxt, mode='drop')
-  committed = jnp.minimum(row_start + w + 1, n_tok)
+  fixed = target.sample(keys_lib.pass_keys(keys, own, Stream.ROW_FIX), resample)
+  return row.at[:, 1:].set(jnp.where(ok, drafted, fixed)), row_q.at[:, 1:].set(p)
 
-  commit = active & (round_ >= rounds)
-  verify = active & ~commit
-  return s.replace(
-      tokens=jnp.where(commit[:, None], tokens, s.tokens),
-      hidden=jnp.where(commit[None, :, None, None], hid, s.hidden),
-      length=jnp.where(commit, committed, s.length),
-      cache=target.commit(s.cache, jnp.where(commit, target.prefix_len + row_start + w,
-                                             s.cache.length[:b])),
-      extra=dict(s.extra, row=jnp.where(verify[:, None], verified_row, row),
-                 row_q=jnp.where(verify[:, None, None], verified_q, row_q),
-                 round=jnp.where(commit, 0, jnp.where(verify, round_ + 1, round_))))
+
+def decode_rows(target, drafter, params, keys, s, rounds):
+  """Rows 1..H-1, all samples in step: each row drafted once by the vertical head from the
+  row above, `rounds` verify passes, one commit pass. Keys follow each sample's own pass
+  count, so a sample's tokens do not depend on how long its neighbours took on row 0."""
+  h, w = target.model.grid
+  n_tok = h * w
+  b = s.length.shape[0]
+  cols = jnp.arange(w)[None]
+  own = 1 + s.extra['row0_passes']                                  # [B] passes so far
+
+  def row_body(y, carry):
+    s, own = carry
+    start = y * w
+    slots = target.prefix_len + start + jnp.broadcast_to(cols, (b, w))
+    q = drafter.row(params, s.tokens, s.hidden, jnp.full((b,), y))     # [B, W, V]
+    row = target.sample(keys_lib.pass_keys(keys, own, Stream.ROW_DRAFT), q)
+    row = row.at[:, 0].set(jax.lax.dynamic_index_in_dim(s.tokens, start, 1, False))
+
+    def round_body(_, carry):
+      row, row_q, own = carry
+      probs, _, _ = target.forward(params['ar'], row, slots, s.cache)  # nothing committed
+      row, row_q = verify_round(target, keys, own, row, row_q, probs)
+      return row, row_q, own + 1
+
+    row, _, own = jax.lax.fori_loop(0, rounds, round_body, (row, q, own))
+    # The commit pass: the row is final; its keys/values stay, its outputs are the hidden
+    # states the next row is drafted from and p for token (y + 1, 0).
+    probs, hidden, cache = target.forward(params['ar'], row, slots, s.cache)
+    tokens = jax.lax.dynamic_update_slice_in_dim(s.tokens, row, start, axis=1)
+    nxt = target.sample(keys_lib.pass_keys(keys, own, Stream.ROW_NEXT), probs[:, w - 1])
+    # Output j predicts position start + j + 1 (past the grid for the last row: dropped).
+    idx = jnp.broadcast_to(start + 1 + cols, (b, w))
+    bidx = jnp.arange(b)[:, None]
+    tokens = tokens.at[bidx[:, 0], start + w].set(nxt, mode='drop')
+    done = jnp.minimum(start + w + 1, n_tok)
+    s = s.replace(tokens=tokens, hidden=s.hidden.at[:, bidx, idx].set(hidden, mode='drop'),
+                  length=jnp.full((b,), done), passes=s.passes + rounds + 1,
+                  cache=target.commit(cache, jnp.full((b,), target.prefix_len + start + w)))
+    return s, own + 1
+
+  s, own = jax.lax.fori_loop(1, h, row_body, (s, own))
+  return s.replace(sample_passes=own)
 
 
 def decode_ssd(target, drafter, params, labels, keys, k, rounds):
   """labels [B], keys [B] -> (tokens [B, N], stats). Row 0 drafts k tokens per pass."""
   h, w = target.model.grid
-  n_tok = h * w
-  t = max(k + 1, w)
   b = labels.shape[0]
-  extra = dict(row=jnp.zeros((b, w), jnp.int32),
-               row_q=jnp.zeros((b, w, target.model.vocab_size), jnp.float32),
-               round=jnp.zeros((b,), jnp.int32), row0_passes=jnp.zeros((b,), jnp.int32))
-  s = state_lib.start(target, params['ar'], labels, keys, extra_slots=t, extra=extra)
-  row_limit = jnp.full((b,), w)
-
-  def body(s):
-    active = s.length < n_tok
-    in_row0 = s.length <= w  # token (1, 0) not sampled yet
-    # Row-0 phase: a speculative block that stays inside row 0.
-    block, slots, drafted = speculative.draft_block(target, drafter, params, keys, s, k,
-                                                    row_limit)
-    # Row phase: on a row's first pass, draft it whole with the vertical heads; token
-    # (y, 0) is already committed (sampled exactly).
-    y = (s.length - 1) // w
-    q_new = drafter.row(params, s.tokens, s.hidden, jnp.maximum(y, 1))
-    d_new = target.sample(keys_lib.pass_keys(keys, s.passes, Stream.ROW_DRAFT), q_new)
-    d_new = d_new.at[:, 0].set(jnp.take_along_axis(s.tokens, (y * w)[:, None], 1)[:, 0])
-    fresh = (s.extra['round'] == 0)[:, None]
-    row = jnp.where(fresh, d_new, s.extra['row'])
-    s = s.replace(extra=dict(s.extra, row=row,
-                             row_q=jnp.where(fresh[..., None], q_new, s.extra['row_q'])))
-    # One target pass for both phases; blocks are contiguous and padded to t slots.
-    tokens_in = jnp.where(in_row0[:, None], _pad(block, t), _pad(row, t))
-    start = jnp.where(in_row0, slots[:, 0], target.prefix_len + y * w)
-    slots_in = start[:, None] + jnp.arange(t)[None]
-    probs, hidden, cache = target.forward(params['ar'], tokens_in, slots_in, s.cache)
-    s = speculative.accept_block(target, keys, s, probs[:, :k + 1], hidden[:, :, :k + 1],
-                                 cache, drafted, active & in_row0)
-    s = row_finish(target, keys, s, probs, hidden, rounds, active & ~in_row0)
-    s = s.replace(extra=dict(s.extra, row0_passes=s.extra['row0_passes'] + (active & in_row0)))
-    return state_lib.count_pass(s, active)
-
-  s = jax.lax.while_loop(state_lib.unfinished, body, s)
+  s = state_lib.start(target, params['ar'], labels, keys, extra_slots=max(k + 1, w),
+                      extra={'row0_passes': jnp.zeros((b,), jnp.int32)})
+  s = decode_row0(target, drafter, params, keys, s, k)
+  if h > 1:
+    s = decode_rows(target, drafter, params, keys, s, rounds)
+  else:
+    s = s.replace(sample_passes=1 + s.extra['row0_passes'])
   return s.tokens, state_lib.stats(s, s.passes - 1, row0_passes=s.extra['row0_passes'])
 
 
