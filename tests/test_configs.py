@@ -15,9 +15,12 @@ from ml_collections import config_flags
 from ssd_jax.training import stages
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIG_PATHS = sorted(glob.glob(os.path.join(REPO, 'configs', '*.py'))
+                      + glob.glob(os.path.join(REPO, 'configs', 'llamagen', '*.py')))
+# configs/heads.py -> 'heads', configs/llamagen/heads_b256.py -> 'llamagen.heads_b256'.
 CONFIG_FILES = sorted(
-    os.path.basename(path)[:-3] for path in glob.glob(os.path.join(REPO, 'configs', '*.py'))
-    if os.path.basename(path) not in ('__init__.py', 'common.py'))
+    os.path.relpath(path, os.path.join(REPO, 'configs'))[:-3].replace(os.sep, '.')
+    for path in CONFIG_PATHS if os.path.basename(path) not in ('__init__.py', 'common.py'))
 STAGE_CONFIGS = [name for name in CONFIG_FILES if name != 'bench']  # bench.py's is no stage
 
 
@@ -30,7 +33,8 @@ def _leaves(config, prefix=''):
 
 
 def test_there_are_configs():
-  assert {'tokenizer', 'ar', 'heads'} <= set(CONFIG_FILES)
+  assert {'tokenizer', 'ar', 'heads', 'llamagen.heads_b256',
+          'llamagen.heads_l384'} <= set(CONFIG_FILES)
 
 
 @pytest.mark.parametrize('name', STAGE_CONFIGS)
@@ -58,7 +62,7 @@ def test_unknown_variant_is_refused(name):
 
 
 def test_every_field_has_a_comment():
-  sources = ''.join(open(p).read() for p in glob.glob(os.path.join(REPO, 'configs', '*.py')))
+  sources = ''.join(open(p).read() for p in CONFIG_PATHS)
   for name in CONFIG_FILES:
     for field in _leaves(importlib.import_module(f'configs.{name}').get_config()):
       leaf = re.escape(field.split('.')[-1])

@@ -51,10 +51,14 @@ def data_source(data_config, split):
 
 
 def _stack(examples):
+  """{'image': [B, H, W, C] uint8 | 'tokens': [B, H, W] int32, 'label': [B] int32}."""
+  labels = np.asarray([int(ex['label']) for ex in examples], np.int32)
+  if 'tokens' in examples[0]:  # a cached token split (ssd_jax/data/tokens.py)
+    return {'tokens': np.stack([ex['tokens'] for ex in examples]).astype(np.int32),
+            'label': labels}
   images = np.stack([np.asarray(ex['image']) for ex in examples]).astype(np.uint8)
   if images.ndim == 3:  # [B, H, W] -> [B, H, W, 1]
     images = images[..., None]
-  labels = np.asarray([int(ex['label']) for ex in examples], np.int32)
   return {'image': images, 'label': labels}
 
 

@@ -12,8 +12,8 @@ import numpy as np
 import optax
 
 from ssd_jax import pretrained
-from ssd_jax.data import pipeline
 from ssd_jax.training import ar_stage
+from ssd_jax.training import inputs as inputs_lib
 
 
 def head_names(heads):
@@ -50,12 +50,14 @@ def head_outputs(model, heads, backbone, head_params, tokens, labels):
 def make_stage(config, workdir):
   tok_dir = ar_stage.earlier_stage_dir(config.tokenizer_dir, workdir, 'tokenizer')
   ar_dir = ar_stage.earlier_stage_dir(config.ar_dir, workdir, 'ar')
-  tokenizer, tok_params, _ = pretrained.load_stage(tok_dir, 'tokenizer')
+  tokenizer, tok_params, tok_spec = pretrained.load_stage(tok_dir, 'tokenizer')
   model, backbone, ar_spec = pretrained.load_stage(ar_dir, 'ar')
   spec = dict(dim=model.dim, **config.heads.to_dict())
   ce_weight, null_fraction = spec.pop('ce_weight'), spec.pop('null_fraction')
   heads = pretrained.heads_module({'heads': spec})
-  encode = ar_stage.encode_fn(tokenizer)
+  from ssd_jax.training import loop  # pylint: disable=g-import-not-at-top
+  inputs = inputs_lib.StageInputs(config, workdir, tokenizer, tok_spec, tok_params, model,
+                                  log=loop.log)
   logits_fn = lambda p, h: model.apply({'params': p}, h, method=model.logits_from_hidden)
 
   def init_params(key):
@@ -63,7 +65,7 @@ def make_stage(config, workdir):
 
   def loss_fn(params, frozen, batch, key, extra):
     del extra
-    tokens = encode(frozen['tokenizer'], batch['image'])
+    tokens = inputs.grids(frozen['tokenizer'], batch)
     # Some null-class grids: CFG drafts from the unconditional half too.
     labels = jnp.where(jax.random.bernoulli(key, null_fraction, batch['label'].shape),
                        model.null_class, batch['label'])
@@ -81,23 +83,27 @@ def make_stage(config, workdir):
 
   def evaluate(params, frozen, stage_dir, mesh):
     del stage_dir, mesh
-    data = pipeline.load_arrays(config.data, config.data.eval_split, config.eval_examples)
     return evaluate_heads(model, heads, frozen['backbone'], params,
-                          lambda x: encode(frozen['tokenizer'], x), data)
+                          lambda batch: inputs.grids(frozen['tokenizer'], batch),
+                          inputs.eval_data())
 
-  from ssd_jax.training import loop  # pylint: disable=g-import-not-at-top
   return loop.Stage(name='heads', init_params=init_params, loss_fn=loss_fn,
-                    evaluate=evaluate, frozen={'tokenizer': tok_params, 'backbone': backbone},
-                    spec={'heads': spec, 'backbone': ar_spec['transformer']})
+                    evaluate=evaluate,
+                    # Cached tokens need no encoder on the devices (VQ-16: 0.3 GB).
+                    frozen={'tokenizer': {} if inputs.cache else tok_params,
+                            'backbone': backbone},
+                    spec={'heads': spec, 'backbone': ar_spec['transformer']},
+                    train_source=inputs.train_source)
 
 
-def evaluate_heads(model, heads, backbone, head_params, encode, data, batch_size=250):
-  """Per head on held-out grids: top-1 agreement with the backbone and sum(min(p, q))."""
+def evaluate_heads(model, heads, backbone, head_params, grids, data, batch_size=250):
+  """Per head on held-out grids: top-1 agreement with the backbone and sum(min(p, q)).
+  `grids` maps a batch of `data` ({'image' or 'tokens', 'label'}) to [B, H*W] tokens."""
 
   @jax.jit
-  def batch_stats(images, labels):
-    pred, target, valid = head_outputs(model, heads, backbone, head_params, encode(images),
-                                       labels)
+  def batch_stats(batch):
+    pred, target, valid = head_outputs(model, heads, backbone, head_params, grids(batch),
+                                       batch['label'])
     q = jax.nn.softmax(model.apply({'params': backbone}, pred, method=model.logits_from_hidden))
     p = jax.nn.softmax(model.apply({'params': backbone}, target,
                                    method=model.logits_from_hidden))
@@ -108,7 +114,7 @@ def evaluate_heads(model, heads, backbone, head_params, encode, data, batch_size
 
   sums = [np.zeros(heads.num_horizontal + heads.num_vertical) for _ in range(3)]
   for i in range(0, len(data['label']), batch_size):
-    out = batch_stats(data['image'][i:i + batch_size], data['label'][i:i + batch_size])
+    out = batch_stats({k: v[i:i + batch_size] for k, v in data.items()})
     for s, o in zip(sums, out):
       s += np.asarray(o)
   agree, accept, count = sums

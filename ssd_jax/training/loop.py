@@ -55,6 +55,9 @@ class Stage:
   spec: Optional[dict] = None
   # Attention heads of the trained module, if it has any: the mesh must divide them.
   num_heads: Optional[int] = None
+  # () -> the training split's source (e.g. a token cache, tokenized on first use);
+  # None = the tfds split config.data.train_split.
+  train_source: Optional[Callable] = None
 
 
 def make_optimizer(config):
@@ -167,7 +170,8 @@ def train(config, workdir, stage):
     sharding.check_heads_divisible(stage.num_heads, mesh, rules, '--config.mesh.model',
                                    what=f'the {stage.name} model')
   # Opened before anything compiles: a missing dataset is a message, not lost minutes.
-  source = pipeline.data_source(config.data, config.data.train_split)
+  source = (stage.train_source() if stage.train_source is not None
+            else pipeline.data_source(config.data, config.data.train_split))
   tx = make_optimizer(config)
   ckpts = checkpoint.StageCheckpoints(stage_dir, keep=config.keep_checkpoints)
 
