@@ -43,6 +43,8 @@ class SampleArgs:
   report: Optional[str] = arg(None, 'JSON report path.')
   compare_ar: bool = arg(False, 'Also run plain AR on the same classes and seeds and report '
                          'the speed-up.')
+  dtype: str = arg('float32', 'Parameters, activations and KV cache (bfloat16 for GPUs / '
+                   'TPUs; probabilities stay float32).', choices=('float32', 'bfloat16'))
   mesh_data: int = arg(-1, 'Devices on the data axis (-1: all).')
   mesh_model: int = arg(1, 'Devices on the model axis.')
   progress: bool = arg(True, 'Show progress bars.')
@@ -87,7 +89,7 @@ def run(args: SampleArgs):
     raise ValueError(f'{bundle.run_dir} has no tokenizer/ stage, so no images can be made; '
                      "pass --out='' and --tokens_out=FILE.npy to keep the token grids.")
   common = dict(num_images=args.num_images, batch_size=args.batch_size, classes=args.classes,
-                seed=args.seed, mesh=mesh, progress=args.progress)
+                seed=args.seed, mesh=mesh, progress=args.progress, dtype=args.dtype)
   result = engine.generate(bundle, args.method, sampling, options=options, **common)
   report = dict(result.stats, checkpoint=bundle.run_dir)
   if args.compare_ar:

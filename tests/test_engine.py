@@ -142,3 +142,19 @@ def test_bench_cli_refuses_a_bad_setting_in_one_line():
   assert out.stderr.strip().splitlines() == [
       "bench.py: error: method 'ssd' has no option 'round'; its options are draft_len, "
       'horizontal_first, rounds. (see --help)']
+
+
+def test_bfloat16_runs_every_stage_in_bfloat16_and_bad_dtypes_are_refused():
+  bundle = helpers.heads_bundle(8, (2, 3), num_layers=1, dim=16, mlp_dim=32)
+  mesh = helpers.one_device_mesh()
+  decoder = engine.build_decoder(bundle, 'speculative', Sampling(cfg_scale=2.0), mesh=mesh,
+                                 dtype='bfloat16')
+  leaves = jax.tree.leaves(decoder.params)
+  assert {str(x.dtype) for x in leaves} == {'bfloat16'}  # backbone and heads alike
+  labels, keys = np.arange(4) % 3, engine.image_keys(0, 0, 4)
+  hlo = decoder.jitted.lower(*decoder.inputs(labels, keys)).as_text()
+  assert re.search(r'tensor<1x8x2x\d+x8xbf16>', hlo), 'the KV cache is not bfloat16'
+  tokens, _ = decoder(labels, keys)
+  assert ((np.asarray(tokens) >= 0) & (np.asarray(tokens) < 8)).all()
+  with pytest.raises(ValueError, match=re.escape('--dtype=float16 must be one of')):
+    engine.build_decoder(bundle, 'ar', Sampling(), mesh=mesh, dtype='float16')

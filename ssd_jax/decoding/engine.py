@@ -111,20 +111,36 @@ class Decoder:
     return self.compile(labels, keys)[0](*self.inputs(labels, keys, sampling))
 
 
-def build_decoder(bundle, method, sampling, options=None, mesh=None, rules=None):
+DTYPES = ('float32', 'bfloat16')
+
+
+def cast(params, dtype):
+  """Floating-point leaves of a params tree in `dtype` (ints, e.g. codebooks' ids, stay)."""
+  return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating)
+                      else x, params)
+
+
+def build_decoder(bundle, method, sampling, options=None, mesh=None, rules=None,
+                  dtype='float32'):
   """The Decoder of `method` (a name) for `bundle`, validated before anything compiles.
+
+  dtype: of parameters, activations and the KV cache ('float32' or 'bfloat16'); every
+  stage a method uses runs in it, so a draft's q and the target's p come from the same
+  precision and the exact rules stay exact (probabilities are always float32).
 
   Labels and keys are split over 'data'; parameters by the logical axis `rules` (default
   sharding.DEFAULT_RULES: heads, MLP and vocabulary over 'model'). Decoders are kept on
   the bundle: the same method, options, static sampling settings and mesh reuse one.
   """
   spec = registry.get(method)
+  if dtype not in DTYPES:
+    raise ValueError(f'--dtype={dtype} must be one of {", ".join(DTYPES)}.')
   check_stages(bundle, spec)  # before the options, whose checks may read the stages
   options = resolve_options(spec, options, bundle)
   sampling.validate(bundle.model.vocab_size)
   mesh = mesh or sharding.make_mesh(-1, 1)
   rules = sharding.DEFAULT_RULES if rules is None else tuple(rules)
-  key = (method, options, sampling.static_key(), mesh, rules)
+  key = (method, options, sampling.static_key(), mesh, rules, dtype)
   cache = bundle.constants.setdefault('decoders', {})
   if key in cache:
     return dataclasses.replace(cache[key], sampling=sampling)
@@ -132,7 +148,7 @@ def build_decoder(bundle, method, sampling, options=None, mesh=None, rules=None)
   stages = [pretrained.BACKBONE] + [n for n in spec.needs if n != 'tokenizer']
   params = {name: bundle.stage(name).params for name in dict.fromkeys(stages)}
   shardings = param_shardings(bundle, params, mesh, rules)
-  params = sharding.put(params, shardings)
+  params = sharding.put(cast(params, jnp.dtype(dtype)), shardings)
   batch = sharding.batch_sharding(mesh)
 
   def on_mesh(params, labels, keys, values):
@@ -140,7 +156,7 @@ def build_decoder(bundle, method, sampling, options=None, mesh=None, rules=None)
     # only under the rules and a mesh; jax.set_mesh cannot be entered under jit, the
     # abstract mesh can. The builder runs here, so temperature and guidance are traced.
     with jax.sharding.use_abstract_mesh(mesh.abstract_mesh), nn.logical_axis_rules(rules):
-      target = target_lib.Target(bundle.model, sampling.processing(values))
+      target = target_lib.Target(bundle.model, sampling.processing(values), jnp.dtype(dtype))
       return spec.build(bundle, target, options)(params, labels, keys)
 
   jitted = jax.jit(on_mesh, in_shardings=(shardings, batch, batch, sharding.replicated(mesh)),
@@ -157,7 +173,7 @@ class Result:
 
 
 def generate(bundle, method, sampling, num_images, batch_size, classes=None, seed=0,
-             options=None, mesh=None, progress=True, rules=None):
+             options=None, mesh=None, progress=True, rules=None, dtype='float32'):
   """Samples `num_images` token grids with `method`; returns a Result with timings.
 
   `options`: the method's Options, a dict of its fields, or None (its defaults). With
@@ -171,7 +187,7 @@ def generate(bundle, method, sampling, num_images, batch_size, classes=None, see
   labels = class_labels(num_images, bundle.model.num_classes, classes)
   mesh = mesh or sharding.make_mesh(-1, 1)
   sharding.check_divisible(batch_size, mesh)  # before parameters move to the mesh
-  decoder = build_decoder(bundle, method, sampling, options, mesh, rules)
+  decoder = build_decoder(bundle, method, sampling, options, mesh, rules, dtype)
   batch_size = min(batch_size, num_images + (-num_images) % mesh.shape['data'])
 
   def batch_inputs(start):
@@ -204,7 +220,7 @@ def generate(bundle, method, sampling, num_images, batch_size, classes=None, see
       'tokens_per_pass': float(h * w / np.mean(sample_passes)),
       'compile_seconds': compile_seconds, 'run_seconds': run_seconds,
       'images_per_second': num_images / max(run_seconds, 1e-9),
-      'sampling': dataclasses.asdict(sampling),
+      'sampling': dataclasses.asdict(sampling), 'dtype': dtype,
       'options': dataclasses.asdict(decoder.options),
   }
   return Result(np.concatenate(tokens).reshape(-1, h, w), labels, stats)

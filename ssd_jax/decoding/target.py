@@ -19,6 +19,7 @@ from ssd_jax.models import transformer
 class Target:
   model: transformer.Transformer
   sampling: Any  # a sampling_lib.Processing (a Sampling is converted)
+  dtype: Any = jnp.float32  # of the KV cache (the parameters' dtype sets the activations')
 
   def __post_init__(self):
     if isinstance(self.sampling, sampling_lib.Sampling):
@@ -42,7 +43,7 @@ class Target:
     return x.reshape((self.groups, -1) + x.shape[1:])
 
   def init_cache(self, batch, extra_slots=0):
-    return self.model.init_cache(self.groups * batch, extra_slots)
+    return self.model.init_cache(self.groups * batch, extra_slots, self.dtype)
 
   def commit(self, cache, length):
     """Sets the committed length [B] of every group's copy of each sample."""

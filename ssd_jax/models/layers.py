@@ -81,10 +81,13 @@ def apply_rope(x, angles, interleaved=False, keep=None):
   if keep is not None:
     cos = jnp.where(keep[..., None, None], cos, 0.0)
     sin = jnp.where(keep[..., None, None], sin, 0.0)
+  # Angles stay float32 (bfloat16 would blur large positions); the result keeps x's dtype.
   if interleaved:
     pairs = x.reshape(x.shape[:-1] + (-1, 2))  # [..., H, Dh/2, 2]
     x1, x2 = pairs[..., 0], pairs[..., 1]
-    return jnp.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], axis=-1).reshape(x.shape)
-  half = x.shape[-1] // 2
-  x1, x2 = x[..., :half], x[..., half:]
-  return jnp.concatenate([x1 * cos - x2 * sin, x1 * sin + x2 * cos], axis=-1)
+    out = jnp.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], axis=-1).reshape(x.shape)
+  else:
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half], x[..., half:]
+    out = jnp.concatenate([x1 * cos - x2 * sin, x1 * sin + x2 * cos], axis=-1)
+  return out.astype(x.dtype)

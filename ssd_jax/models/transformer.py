@@ -75,9 +75,11 @@ class Attention(nn.Module):
       k, v = cache.k[layer], cache.v[layer]  # [B, H, S, Dh]
     else:
       k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, H, T, Dh]
-    scores = jnp.einsum('bthd,bhsd->bhts', q, k) / jnp.sqrt(self.head_dim).astype(q.dtype)
+    # Scores and softmax in float32 also when activations are bfloat16.
+    scores = jnp.einsum('bthd,bhsd->bhts', q, k, preferred_element_type=jnp.float32)
+    scores = scores / jnp.sqrt(jnp.float32(self.head_dim))
     scores = jnp.where(mask[:, None], scores, jnp.finfo(scores.dtype).min)
-    probs = jax.nn.softmax(scores, axis=-1)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
     y = jnp.einsum('bhts,bhsd->bthd', probs, v).reshape(b, t, self.num_heads * self.head_dim)
     return layers.Dense(x.shape[-1], ('heads', 'embed'), name='out')(y), cache
 
