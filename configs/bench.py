@@ -4,6 +4,8 @@
   python bench.py --config=configs/bench.py --config.num_images=1000 --out_dir=/tmp/b
   python bench.py --config=configs/bench.py:smoke --out_dir=/tmp/b         # seconds
 
+Speed alone, per batch size and against the floor of a bare forward: configs/speed.py.
+
 Each setting is (method, {option: value}) with the method's own option names (see
 `python sample.py --help`: --ssd_rounds is ('ssd', {'rounds': ...})). An ablation is a
 small config that imports this one and changes `settings`. Plain AR always runs first at
@@ -28,6 +30,7 @@ SETTINGS = (
 
 def get_config(arg=''):
   config = ml_collections.ConfigDict()
+  config.mode = 'fidelity'  # bench.py's job: speed and fidelity (configs/speed.py: speed only).
   config.checkpoint = ''  # Run folder; '' = the release in checkpoints/fmnist.
   config.settings = SETTINGS  # (method, {option: value}) pairs compared with plain AR.
   config.num_images = 128  # Images per setting.

@@ -68,12 +68,6 @@ def load_real_images(fid, classes, image_shape):
   return images
 
 
-def relative(path):
-  """`path` relative to the repository when it lies inside it (reports travel)."""
-  rel = os.path.relpath(os.path.abspath(path), pretrained.REPO_ROOT)
-  return path if rel.startswith('..') else rel
-
-
 def run(config, out_dir, command=''):
   """Benchmarks config.settings against plain AR; writes results.* into out_dir."""
   if config.num_images < 2:
@@ -130,11 +124,17 @@ def run(config, out_dir, command=''):
                                                           feats[base['label']])
     row['fid_ar_over_noise'] = None if row is base else row['fid_ar'] / max(noise, 1e-12)
   summary = dict(
-      command=command, args=config.to_dict(), checkpoint=relative(bundle.run_dir),
-      classifier=relative(judge_dir), features=config.fid.features,
+      command=command, args=config.to_dict(), checkpoint=report.relative(bundle.run_dir),
+      classifier=report.relative(judge_dir), features=config.fid.features,
       num_real_images=len(real), real_split=config.fid.split,
       sampling=dataclasses.asdict(sampling), noise_fid=noise, machine=report.machine(),
       classifier_test_accuracy=report.stage_result(judge_dir, 'test_accuracy'), rows=rows)
   if log:
     report.write_all(out_dir, summary, np.concatenate(grids), ncols=len(grids[0]))
   return summary
+
+
+def summary_line(summary, out_dir):
+  """bench.py's last line."""
+  return (f"noise level (AR vs AR, another seed): FID {summary['noise_fid']:.3f}; wrote "
+          f'{out_dir}/results.md, results.json, speedup_vs_fid.png, samples.png')

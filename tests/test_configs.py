@@ -21,7 +21,8 @@ CONFIG_PATHS = sorted(glob.glob(os.path.join(REPO, 'configs', '*.py'))
 CONFIG_FILES = sorted(
     os.path.relpath(path, os.path.join(REPO, 'configs'))[:-3].replace(os.sep, '.')
     for path in CONFIG_PATHS if os.path.basename(path) not in ('__init__.py', 'common.py'))
-STAGE_CONFIGS = [name for name in CONFIG_FILES if name != 'bench']  # bench.py's is no stage
+# bench.py's configs are no training stage.
+STAGE_CONFIGS = [name for name in CONFIG_FILES if name not in ('bench', 'speed')]
 
 
 def _leaves(config, prefix=''):

@@ -10,6 +10,7 @@ matplotlib.use('Agg')  # files only; no display on servers
 import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 from ssd_jax import images as image_io  # pylint: disable=wrong-import-position
+from ssd_jax import pretrained  # pylint: disable=wrong-import-position
 
 COLUMNS = (  # (header, row key, format)
     ('setting', 'label', '{}'), ('lossless', 'lossless', '{}'),
@@ -29,6 +30,12 @@ def machine():
   return {'processor': platform.processor() or platform.machine(),
           'platform': platform.platform(), 'jax': jax.__version__,
           'devices': f'{len(devices)} x {devices[0].platform} ({devices[0].device_kind})'}
+
+
+def relative(path):
+  """`path` relative to the repository when it lies inside it (reports travel)."""
+  rel = os.path.relpath(os.path.abspath(path), pretrained.REPO_ROOT)
+  return path if rel.startswith('..') else rel
 
 
 def stage_result(stage_dir, key):

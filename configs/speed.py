@@ -1,0 +1,61 @@
+"""bench.py's speed mode: ms per target pass against its floor, per method and batch size.
+
+  python bench.py --config=configs/speed.py --out_dir=docs/bench/speed   # ~10 min, 2-core CPU
+  python bench.py --config=configs/speed.py --config.batches="((1, 16),)" \
+      --config.settings="(('ssd', {'rounds': 2}),)"
+  python bench.py --config=configs/speed.py:smoke --out_dir=/tmp/speed   # seconds
+  scripts/device_bench.sh                    # on a GPU/TPU: tests, then this in both dtypes
+
+No FID (configs/bench.py measures fidelity too). Each setting is (method, {option: value})
+with the method's own option names; plain AR always runs first at every batch size, the
+baseline of the speed-ups. Writes results.md (a latency table for batch 1, a throughput
+table for the larger batches, per dtype) and results.json.
+"""
+
+import ml_collections
+
+SETTINGS = (
+    ('speculative', {}),
+    ('ssd', {'rounds': 1}),
+    ('sjd', {}),
+    ('gsd', {}),
+    ('lantern', {}),
+    ('zipar', {}),
+    ('hawk', {}),
+    ('mulo', {}),
+)
+
+
+def get_config(arg=''):
+  config = ml_collections.ConfigDict()
+  config.mode = 'speed'  # bench.py's job: speed only (configs/bench.py: speed and fidelity).
+  config.checkpoint = ''  # Run folder; '' = the release in checkpoints/fmnist.
+  config.settings = SETTINGS  # (method, {option: value}) pairs timed against plain AR.
+  config.batches = ((1, 4), (16, 16), (64, 64))  # (batch size, images per timed run) pairs.
+  config.repeats = 3  # Timed runs per setting and batch size (and floor); the median counts.
+  config.repeat_seconds = 10.0  # ... fewer once the timed runs add up to this (1 at least).
+  config.floor_calls = 10  # Bare target forwards per timed floor run.
+  config.dtypes = ('float32',)  # Precisions of the target: float32, bfloat16.
+  config.time_limit = 0.0  # Seconds; settings not started by then are listed as skipped.
+  config.classes = ()  # Class ids, cycled; () = all classes.
+  config.seed = 0  # Seed of every setting (image i uses fold_in(key(seed), i)).
+
+  config.sampling = ml_collections.ConfigDict()
+  config.sampling.temperature = 1.0  # 0 = greedy.
+  config.sampling.top_k = 0  # 0 = off.
+  config.sampling.top_p = 1.0  # 1 = off.
+  config.sampling.cfg_scale = 2.0  # Classifier-free guidance; 1 = off.
+
+  config.mesh = ml_collections.ConfigDict()
+  config.mesh.data = 1  # Devices on the 'data' axis (the first data x model; -1: all).
+  config.mesh.model = 1  # Devices on the 'model' axis.
+  config.progress = True  # Progress bars.
+
+  if arg == 'smoke':
+    config.settings = (('speculative', {}),)
+    config.batches = ((1, 1), (2, 2))
+    config.repeats = 1
+    config.floor_calls = 2
+  elif arg:
+    raise ValueError(f'configs/speed.py:{arg}: the variants are "" and "smoke".')
+  return config
