@@ -9,6 +9,7 @@ what raster order allows; every knob's bad value is refused by name.
 """
 
 import re
+import types
 
 import jax.numpy as jnp
 import numpy as np
@@ -16,6 +17,7 @@ import pytest
 
 import helpers  # pylint: disable=g-bad-import-order
 from ssd_jax.decoding import acceptance
+from ssd_jax.decoding import codebook
 from ssd_jax.decoding import engine
 from ssd_jax.decoding import registry
 from ssd_jax.decoding import sampling as sampling_lib
@@ -114,11 +116,12 @@ def resample_from_p(uniform, p, q, draft):
   return _accept_exact(uniform, p, q, draft)[0], p
 
 
-def grouped_pooling_everything(uniform, p, q, draft, codes, rank_window, prob_threshold,
-                               dist_threshold):
-  """GSD's rule ignoring its thresholds: every candidate joins the cluster."""
-  del prob_threshold, dist_threshold
-  return _accept_grouped(uniform, p, q, draft, codes, rank_window, 1.0, 4.0)
+def grouped_pooling_everything(uniform, p, q, draft, near, rank_window, prob_threshold):
+  """GSD's rule ignoring its thresholds: every token within the rank window joins."""
+  del near, prob_threshold
+  vocab = p.shape[-1]
+  everyone = jnp.asarray([[v for v in range(vocab) if v != x] for x in range(vocab)])
+  return _accept_grouped(uniform, p, q, draft, everyone, rank_window, 1.0)
 
 
 @pytest.mark.parametrize('method,rule_name,rule', [
@@ -151,6 +154,12 @@ def test_lantern_with_zero_delta_is_speculative(bundle, mesh):
   assert lantern.stats['target_passes'] == spec.stats['target_passes']
 
 
+def near_of(codes, dist_threshold):
+  bundle = helpers.bundle(None, None, tokenizer=types.SimpleNamespace(
+      apply=lambda *a, **k: codes, codes=None), tokenizer_params={})
+  return codebook.within(bundle, dist_threshold)
+
+
 def test_grouped_rule_pools_the_cluster():
   # Codes 0..3 close together, 4, 5 far; ranking by p: 1, 0, 2, 4, 3, 5.
   codes = jnp.array([[1, 0], [1, .1], [1, -.1], [.95, .2], [-1, 0], [0, 1.]])
@@ -159,12 +168,52 @@ def test_grouped_rule_pools_the_cluster():
   q = jnp.array([[[.9, 0, 0, 0, .1, 0.]]])
   draft = jnp.array([[0]])
   u = jnp.array([[.5]])
-  accept, _ = acceptance.accept_grouped(u, p, q, draft, codes, 7, .15, .1)
+  accept, _ = acceptance.accept_grouped(u, p, q, draft, near_of(codes, .1), 7, .15)
   assert bool(accept[0, 0])  # C = {0, 1, 2}: p(C) / q(C) = .82 / .9 > .5; 3 differs in p
-  accept, _ = acceptance.accept_grouped(u, p, q, draft, codes, 7, 0., 0.)
+  accept, _ = acceptance.accept_grouped(u, p, q, draft, near_of(codes, 0.), 7, 0.)
   assert not bool(accept[0, 0])  # C = {0}: .3 / .9 < .5, the exact rule
-  accept, _ = acceptance.accept_grouped(u, p, q, draft, codes, 1, .15, .1)
+  accept, _ = acceptance.accept_grouped(u, p, q, draft, near_of(codes, .1), 1, .15)
   assert bool(accept[0, 0])  # ranks +-1 of 0 are 1 and 2: the same cluster
+
+
+def reference_grouped(uniform, p, q, draft, codes, rank_window, prob_threshold,
+                      dist_threshold):
+  """GSD's rule as published: sort the vocabulary by p, take the ranks around the draft."""
+  vocab = p.shape[-1]
+  order = jnp.argsort(-p, axis=-1, stable=True)
+  rank = jnp.argmax(order == draft[..., None], axis=-1)
+  offsets = jnp.arange(-rank_window, rank_window + 1)
+  cand_rank = rank[..., None] + offsets
+  in_range = (cand_rank >= 0) & (cand_rank < vocab)
+  cand = jnp.take_along_axis(order, jnp.clip(cand_rank, 0, vocab - 1), -1)
+  p_c, q_c = jnp.take_along_axis(p, cand, -1), jnp.take_along_axis(q, cand, -1)
+  dist = jnp.sum((codes[cand] - codes[draft][..., None, :]) ** 2, -1)
+  p_x = jnp.take_along_axis(p, draft[..., None], -1)
+  member = (in_range & (jnp.abs(p_c - p_x) < prob_threshold) & (dist < dist_threshold)) | (
+      offsets == 0)
+  return uniform * jnp.sum(jnp.where(member, q_c, 0.), -1) < jnp.sum(
+      jnp.where(member, p_c, 0.), -1)
+
+
+@pytest.mark.parametrize('rank_window,prob_threshold,dist_threshold', [
+    (7, .15, .3), (2, .05, .6), (30, 1., 4.), (3, .1, 0.)])
+def test_grouped_rule_without_sorting_equals_the_published_rule(rank_window, prob_threshold,
+                                                                dist_threshold):
+  rng = np.random.default_rng(0)
+  vocab, shape = 32, (64, 5)
+  codes = rng.normal(size=(vocab, 3))
+  codes = jnp.asarray(codes / np.linalg.norm(codes, axis=-1, keepdims=True), jnp.float32)
+  p = rng.dirichlet(np.full(vocab, .3), shape)
+  p[:8] = np.round(p[:8], 2)  # ties in p: the ranking breaks them by token id
+  p = jnp.asarray(p / p.sum(-1, keepdims=True), jnp.float32)
+  q = jnp.asarray(rng.dirichlet(np.full(vocab, .3), shape), jnp.float32)
+  draft = jnp.asarray(rng.integers(0, vocab, shape))
+  u = jnp.asarray(rng.random(shape), jnp.float32)
+  want = reference_grouped(u, p, q, draft, codes, rank_window, prob_threshold, dist_threshold)
+  got, _ = acceptance.accept_grouped(u, p, q, draft, near_of(codes, dist_threshold),
+                                     rank_window, prob_threshold)
+  np.testing.assert_array_equal(got, want)
+  assert 0 < int(got.sum()) < got.size
 
 
 def test_relaxed_rule_pools_neighbours_up_to_delta():

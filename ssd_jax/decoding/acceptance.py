@@ -74,29 +74,36 @@ def leading_accepted(accept):
 # argmax match).
 
 
-def accept_grouped(uniform, p, q, draft, codes, rank_window, prob_threshold,
-                   dist_threshold):
+def accept_grouped(uniform, p, q, draft, near, rank_window, prob_threshold):
   """GSD grouped acceptance: accept with min(1, p(C) / q(C)) over a dynamic cluster C.
 
   C holds the draft x and every token v within `rank_window` places of x in the target's
-  ranking (tokens sorted by p) with |p(v) - p(x)| < prob_threshold and squared codebook
-  distance |c_v - c_x|^2 < dist_threshold (codes [V, d]). Thresholds of 0 leave C = {x}:
-  the exact rule, bit for bit. LOSSY otherwise: the kept token is not distributed as p.
+  ranking (tokens sorted by p, ties by id) with |p(v) - p(x)| < prob_threshold whose code
+  is near x's: near [V, m] lists, for each code, the other codes within the squared
+  distance threshold (-1 pads; see codebook.within). Only those m candidates are ranked
+  (rank = how many tokens come before), so no pass sorts the vocabulary. An empty
+  neighbourhood or a zero threshold leaves C = {x}: the exact rule, bit for bit. LOSSY
+  otherwise: the kept token is not distributed as p.
   """
-  vocab = p.shape[-1]
-  order = jnp.argsort(-p, axis=-1, stable=True)                        # [B, K, V]
-  rank = jnp.argmax(order == draft[..., None], axis=-1)                # [B, K]
-  offsets = jnp.arange(-rank_window, rank_window + 1)                  # [R]
-  cand_rank = rank[..., None] + offsets                                # [B, K, R]
-  in_range = (cand_rank >= 0) & (cand_rank < vocab)
-  cand = jnp.take_along_axis(order, jnp.clip(cand_rank, 0, vocab - 1), -1)
-  p_c = jnp.take_along_axis(p, cand, -1)
+  cand = near[draft]                                                   # [B, K, m]
+  valid = cand >= 0
+  cand = jnp.maximum(cand, 0)
+  p_x = _token_prob(p, draft)                                          # [B, K]
+  p_c = jnp.take_along_axis(p, cand, -1)                               # [B, K, m]
   q_c = jnp.take_along_axis(q, cand, -1)
-  dist = jnp.sum((codes[cand] - codes[draft][..., None, :]) ** 2, -1)  # [B, K, R]
-  member = (in_range & (jnp.abs(p_c - _token_prob(p, draft)[..., None]) < prob_threshold)
-            & (dist < dist_threshold)) | (offsets == 0)
-  p_group = jnp.sum(jnp.where(member, p_c, 0.0), -1)
-  q_group = jnp.sum(jnp.where(member, q_c, 0.0), -1)
+  ids = jnp.arange(p.shape[-1])
+
+  def rank(pv, v):  # [B, K, C] probabilities and ids -> their places in the ranking
+    before = (p[..., None, :] > pv[..., None]) | (
+        (p[..., None, :] == pv[..., None]) & (ids < v[..., None]))
+    return jnp.sum(before, -1)
+
+  rank_c = rank(p_c, cand)
+  rank_x = rank(p_x[..., None], draft[..., None])
+  member = (valid & (jnp.abs(rank_c - rank_x) <= rank_window)
+            & (jnp.abs(p_c - p_x[..., None]) < prob_threshold))
+  p_group = p_x + jnp.sum(jnp.where(member, p_c, 0.0), -1)
+  q_group = _token_prob(q, draft) + jnp.sum(jnp.where(member, q_c, 0.0), -1)
   return uniform * q_group < p_group, residual(p, q)
 
 

@@ -7,6 +7,7 @@ and enter the loop as constants.
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from ssd_jax.decoding import acceptance
 
@@ -33,3 +34,22 @@ def neighbours(bundle, k):
     return jnp.zeros((vocab, 0), jnp.int32)
   return _cached(bundle, ('neighbours', k),
                  lambda: acceptance.latent_neighbours(codes(bundle), k))
+
+
+def within(bundle, threshold, chunk=1024):
+  """[V, m] int32: for each code, the other codes at squared distance < threshold, nearest
+  first, -1 padded (m = the most any code has; at least 1). Computed on the host in row
+  chunks, so a 16384-code book needs no V x V array."""
+  def compute():
+    c = np.asarray(codes(bundle), np.float32)
+    sq = np.sum(c * c, -1)
+    rows = []
+    for start in range(0, len(c), chunk):
+      d = sq[start:start + chunk, None] + sq[None] - 2.0 * c[start:start + chunk] @ c.T
+      d[np.arange(len(d)), start + np.arange(len(d))] = np.inf  # not the code itself
+      order = np.argsort(d, -1, kind='stable')
+      rows += [o[dist[o] < threshold] for o, dist in zip(order, d)]
+    width = max(1, max(len(r) for r in rows))
+    return jnp.asarray(np.stack([np.pad(r, (0, width - len(r)), constant_values=-1)
+                                 for r in rows]).astype(np.int32))
+  return _cached(bundle, ('within', float(threshold)), compute)

@@ -159,9 +159,8 @@ def build_sjd(bundle, target, options):
 
 def build_gsd(bundle, target, options):
   rule = functools.partial(
-      acceptance.accept_grouped, codes=codebook.codes(bundle),
-      rank_window=options.rank_window, prob_threshold=options.prob_threshold,
-      dist_threshold=options.dist_threshold)
+      acceptance.accept_grouped, near=codebook.within(bundle, options.dist_threshold),
+      rank_window=options.rank_window, prob_threshold=options.prob_threshold)
   return lambda params, labels, keys: decode_sjd(target, params['ar'], labels, keys,
                                                  options.window, options.init, rule)
 
