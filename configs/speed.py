@@ -34,7 +34,7 @@ def get_config(arg=''):
   config.batches = ((1, 4), (16, 16), (64, 64))  # (batch size, images per timed run) pairs.
   config.repeats = 3  # Timed runs per setting and batch size (and floor); the median counts.
   config.repeat_seconds = 10.0  # ... fewer once the timed runs add up to this (1 at least).
-  config.floor_calls = 10  # Bare target forwards per timed floor run.
+  config.floor_seconds = 0.2  # Length of a timed floor loop (its forward count adapts).
   config.dtypes = ('float32',)  # Precisions of the target: float32, bfloat16.
   config.time_limit = 0.0  # Seconds; settings not started by then are listed as skipped.
   config.classes = ()  # Class ids, cycled; () = all classes.
@@ -55,7 +55,7 @@ def get_config(arg=''):
     config.settings = (('speculative', {}),)
     config.batches = ((1, 1), (2, 2))
     config.repeats = 1
-    config.floor_calls = 2
+    config.floor_seconds = 0.02
   elif arg:
     raise ValueError(f'configs/speed.py:{arg}: the variants are "" and "smoke".')
   return config

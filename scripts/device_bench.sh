@@ -69,9 +69,9 @@ lacking=$(missing) || die "$PY does not run"
 if [[ -n $lacking ]]; then
   for name in $lacking; do
     for wheel in .whl/*.whl; do
-      base=$(basename "$wheel" | tr 'A-Z-' 'a-z_')
-      [[ $base == "${name}"-* ]] && "$PY" -m pip install -q --no-index --no-deps \
-        --no-compile --no-cache-dir --target "$site" "$wheel"
+      dist=$(basename "$wheel"); dist=$(tr 'A-Z.-' 'a-z__' <<< "${dist%%-*}")
+      [[ $dist == "$name" ]] && "$PY" -m pip install -q --no-index --no-deps --no-compile \
+        --no-cache-dir --target "$site" "$wheel"
     done
   done
   export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"

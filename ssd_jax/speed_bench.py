@@ -12,6 +12,7 @@ what verifying a block costs on this machine.
 """
 
 import dataclasses
+import math
 import statistics
 import time
 
@@ -58,23 +59,24 @@ def check_config(config):
     if len(entry) != 2 or not 1 <= entry[0] <= entry[1]:
       raise ValueError(f'--config.batches entry {tuple(entry)!r} is not (batch size, images) '
                        'with 1 <= batch size <= images.')
-  if config.repeats < 1 or config.floor_calls < 1:
-    raise ValueError(f'--config.repeats={config.repeats} and --config.floor_calls='
-                     f'{config.floor_calls} must be >= 1.')
-  if not config.repeat_seconds >= 0:
-    raise ValueError(f'--config.repeat_seconds={config.repeat_seconds} must be >= 0.')
+  if config.repeats < 1:
+    raise ValueError(f'--config.repeats={config.repeats} must be >= 1.')
+  if not (config.repeat_seconds >= 0 and config.floor_seconds > 0):
+    raise ValueError(f'--config.repeat_seconds={config.repeat_seconds} must be >= 0 and '
+                     f'--config.floor_seconds={config.floor_seconds} > 0.')
   for dtype in config.dtypes:
     if dtype not in engine.DTYPES:
       raise ValueError(f'--config.dtypes has {dtype!r}; choose from '
                        f'{", ".join(engine.DTYPES)}.')
 
 
-def forward_floor(bundle, sampling, dtype, device, batch, tokens, calls, repeats, budget):
+def forward_floor(bundle, sampling, dtype, device, batch, tokens, seconds, repeats, budget):
   """Milliseconds of one bare target forward of `tokens` tokens per sample at `batch`, with
   parameters, activations and cache in `dtype` as the engine runs them.
 
-  `calls` forwards run in one jitted loop that does nothing else (no Python dispatch per
-  forward, as in a decoding loop); the median of such loops (see `repeated`), per forward.
+  The forwards run in a jitted loop that does nothing else (no Python dispatch per
+  forward, as in a decoding loop), as many as take `seconds`; the median of such loops
+  (see `repeated`), per forward.
   """
   target = target_lib.Target(bundle.model, sampling.processing(), jnp.dtype(dtype))
   committed = target.prefix_len + bundle.model.num_tokens // 2
@@ -83,25 +85,25 @@ def forward_floor(bundle, sampling, dtype, device, batch, tokens, calls, repeats
       target.init_cache(batch, extra_slots=tokens), jnp.full((batch,), committed)))(), device)
   block = jnp.zeros((batch, tokens), jnp.int32)
   slots = committed + jnp.broadcast_to(jnp.arange(tokens), (batch, tokens))
-
   forward = lambda params, cache: target.forward(params, block, slots, cache)[::2]
   probs = jax.eval_shape(forward, params, cache)[0]
 
-  def forwards(params, cache):
+  def forwards(params, cache, count):
     # The probabilities are carried, so no forward's work is dead code.
-    return jax.lax.fori_loop(0, calls, lambda _, carry: forward(params, carry[1]),
+    return jax.lax.fori_loop(0, count, lambda _, carry: forward(params, carry[1]),
                              (jnp.zeros(probs.shape, probs.dtype), cache))
 
   step = jax.jit(forwards, donate_argnums=1)  # the cache is updated in place, as in decoding
-  carry = jax.block_until_ready(step(params, cache))  # compiles
+  carry = jax.block_until_ready(step(params, cache, 1))  # compiles
 
-  def timed():
+  def timed(count):
     nonlocal carry
     t0 = time.perf_counter()
-    carry = jax.block_until_ready(step(params, carry[1]))
-    return (time.perf_counter() - t0) / calls
+    carry = jax.block_until_ready(step(params, carry[1], count))
+    return (time.perf_counter() - t0) / count
 
-  return 1000 * statistics.median(repeated(timed, repeats, budget))
+  count = max(1, math.ceil(seconds / timed(1)))
+  return 1000 * statistics.median(repeated(lambda: timed(count), repeats, budget))
 
 
 def repeated(timed, repeats, budget):
@@ -173,7 +175,7 @@ def run(config, out_dir, command=''):
     for k in (1, row['block_tokens']):
       if (dtype, batch, k) not in floors:
         floors[dtype, batch, k] = forward_floor(bundle, sampling, dtype, device, batch, k,
-                                                config.floor_calls, config.repeats,
+                                                config.floor_seconds, config.repeats,
                                                 config.repeat_seconds)
     row['floor_1_ms'] = floors[dtype, batch, 1]
     row['floor_k_ms'] = floors[dtype, batch, row['block_tokens']]

@@ -52,8 +52,8 @@ def markdown(summary):
       'batch size and dtype, in this run.',
       f"- floor: a bare jitted forward of the target (CFG doubles the rows; outside any "
       f"decoding loop; the KV cache of the decoding length, half committed) on 1 token and on the "
-      f"block k that one pass of the method feeds, in a jitted loop of "
-      f"{args['floor_calls']} forwards that does nothing else, timed like the runs, on "
+      f"block k that one pass of the method feeds, per forward of a jitted loop of "
+      f"{args['floor_seconds']:g} s that does nothing else, timed like the runs, on "
       f"{summary['floor_device']}. pass / floor k = ms/pass "
       'over the k-token floor: 1.00x means the loop adds nothing to the forward.']
   for s in summary['skipped']:
