@@ -31,7 +31,7 @@ def get_config(arg=''):
   config.mode = 'speed'  # bench.py's job: speed only (configs/bench.py: speed and fidelity).
   config.checkpoint = ''  # Run folder; '' = the release in checkpoints/fmnist.
   config.settings = SETTINGS  # (method, {option: value}) pairs timed against plain AR.
-  config.batches = ((1, 4), (16, 16), (64, 64))  # (batch size, images per timed run) pairs.
+  config.batches = ((1, 8), (16, 16), (64, 64))  # (batch size, images per timed run) pairs.
   config.repeats = 3  # Timed runs per setting and batch size (and floor); the median counts.
   config.repeat_seconds = 10.0  # ... fewer once the timed runs add up to this (1 at least).
   config.floor_seconds = 0.2  # Length of a timed floor loop (its forward count adapts).
