@@ -161,8 +161,7 @@ def run(config, out_dir, command=''):
   log = jax.process_index() == 0  # every process runs every setting; one reports
   jobs = [(batch, images, dtype, s) for batch, images in config.batches
           for dtype in config.dtypes for s in settings]
-  skipped = []
-  rows, floors = [], {}
+  rows, floors, skipped = [], {}, []
   t0 = time.perf_counter()
   for batch, images, dtype, s in tqdm(jobs, desc='speed', unit='setting',
                                       disable=not config.progress or not log):
