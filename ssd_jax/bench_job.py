@@ -40,13 +40,7 @@ def settings_of(config):
   settings = [Setting('ar', registry.get('ar'), registry.NoOptions(), config.seed),
               Setting(f'ar (seed {noise_seed(config)})', registry.get('ar'),
                       registry.NoOptions(), noise_seed(config))]
-  for entry in config.settings:
-    if len(entry) != 2 or not isinstance(entry[1], dict):
-      raise ValueError(f'config.settings entry {entry!r} is not (method, {{option: value}}).')
-    name, values = entry
-    method = registry.get(name)
-    options = engine.resolve_options(method, dict(values))
-    label = ' '.join([name] + [f'{k}={v}' for k, v in values.items()])
+  for label, method, options in engine.resolve_settings(config.settings):
     if label not in [s.label for s in settings]:
       settings.append(Setting(label, method, options, config.seed))
   return settings

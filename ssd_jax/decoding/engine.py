@@ -51,6 +51,22 @@ def resolve_options(method, options, bundle=None):
   return method.validate(options, bundle)
 
 
+def resolve_settings(entries):
+  """[(label, Method, options)] of (method name, {option: value}) pairs, each validated;
+  repeated labels once. The label names the method and the options given."""
+  out = []
+  for entry in entries:
+    if len(entry) != 2 or not isinstance(entry[1], dict):
+      raise ValueError(f'config.settings entry {entry!r} is not (method, {{option: value}}).')
+    name, values = entry
+    method = registry.get(name)
+    options = resolve_options(method, dict(values))
+    label = ' '.join([name] + [f'{k}={v}' for k, v in values.items()])
+    if label not in [l for l, _, _ in out]:
+      out.append((label, method, options))
+  return out
+
+
 def check_stages(bundle, method):
   for stage in method.needs:
     if bundle.stage(stage) is None:
