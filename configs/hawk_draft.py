@@ -32,6 +32,10 @@ def get_config(arg=None):
   config.log_every = 25  # Console + metrics.jsonl line every this many steps.
   config.checkpoint_every = 100  # Checkpoint every this many steps (and at the end).
   config.eval_examples = 2000  # Held-out grids in the final evaluation.
+  config.data.pretokenize = False  # Tokenize the splits once into tokens_dir, train on that.
+  config.data.tokens_dir = ''  # Token cache (with pretokenize); '' = <workdir>/tokens.
+  config.data.tokenize_batch = 64  # Images per tokenizer call while tokenizing, per process.
+  config.data.tokens_chunk = 4096  # Examples per cache file (the unit a rerun resumes at).
 
   config.hawk = ml_collections.ConfigDict()
   config.hawk.width = 128  # Drafter width (the backbone's is 192).

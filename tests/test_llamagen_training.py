@@ -1,7 +1,9 @@
 """Draft stages on an imported LlamaGen model: a tfds image dataset prepared on disk
 (ImageNet-like: JPEG images of several sizes) is centre-cropped, tokenized once with the
 imported VQ-16 into a cache, the heads stage trains on the frozen imported backbone from
-that cache, and greedy speculative decoding with those heads equals greedy AR."""
+that cache, and greedy speculative decoding with those heads equals greedy AR; then the
+hawk_draft stage trains on the same run from the same cache (the images gone), and greedy
+hawk equals greedy AR."""
 
 import io
 import json
@@ -15,6 +17,7 @@ import tensorflow_datasets as tfds
 from PIL import Image
 
 import helpers
+from configs import hawk_draft as hawk_config
 from configs import heads as heads_config
 from ssd_jax import pretrained
 from ssd_jax import sample_job
@@ -70,8 +73,8 @@ def import_tiny(out):
   return out
 
 
-def heads_on_tiny_images(data_dir, num_steps=24):
-  config = heads_config.get_config('smoke')
+def on_tiny_images(config, data_dir, num_steps):
+  """A smoke config of a draft stage on TinyImages through the token cache."""
   config.data.name = 'tiny_images'
   config.data.data_dir = str(data_dir)
   config.data.train_split, config.data.eval_split = 'train', 'validation'
@@ -87,6 +90,29 @@ def heads_on_tiny_images(data_dir, num_steps=24):
   return config
 
 
+def heads_on_tiny_images(data_dir, num_steps=24):
+  return on_tiny_images(heads_config.get_config('smoke'), data_dir, num_steps)
+
+
+@pytest.fixture(scope='module')
+def tiny_run(tmp_path_factory):
+  """The imported tiny run and TinyImages prepared for it, shared by the tests below (the
+  heads test deletes the images after tokenizing; the hawk test then reads the cache)."""
+  root = tmp_path_factory.mktemp('llamagen')
+  run_dir = import_tiny(str(root / 'run'))
+  prepare_tiny_images(str(root / 'tfds'))
+  return dict(run_dir=run_dir, data_dir=root / 'tfds', root=root)
+
+
+def sample_tokens(run_dir, method, out_dir):
+  """sample.py's job on the run: 8 greedy CFG-2 samples, their tokens."""
+  args = sample_job.SampleArgs(method=method, tokens_out=str(out_dir / f'{method}.npy'),
+                               checkpoint=run_dir, num_images=8, batch_size=8,
+                               temperature=0.0, cfg_scale=2.0, progress=False, out='')
+  report = sample_job.run(args)
+  return np.load(args.tokens_out), report
+
+
 def test_center_crop_is_llamagens():
   """Halve with a box filter while the short side allows, bicubic, crop the middle."""
   image = np.random.default_rng(0).integers(0, 255, (90, 50, 3)).astype(np.uint8)
@@ -99,10 +125,9 @@ def test_center_crop_is_llamagens():
   assert tokens_lib.to_channels(grey, 3).shape == (20, 20, 3)
 
 
-def test_heads_train_on_an_imported_model_and_speculative_equals_ar(tmp_path):
-  run_dir = import_tiny(str(tmp_path / 'run'))
-  prepare_tiny_images(str(tmp_path / 'tfds'))
-  config = heads_on_tiny_images(tmp_path / 'tfds')
+def test_heads_train_on_an_imported_model_and_speculative_equals_ar(tiny_run):
+  run_dir, data_dir = tiny_run['run_dir'], tiny_run['data_dir']
+  config = heads_on_tiny_images(data_dir)
   config.lock()
   _, results = stages.run(config, run_dir)
 
@@ -118,7 +143,7 @@ def test_heads_train_on_an_imported_model_and_speculative_equals_ar(tmp_path):
   # The cache is what the imported VQ-16 makes of the centre-cropped images.
   tok, tok_params, tok_spec = pretrained.load_stage(os.path.join(run_dir, 'tokenizer'),
                                                     'tokenizer')
-  source = tfds.data_source('tiny_images', split='train', data_dir=str(tmp_path / 'tfds'))
+  source = tfds.data_source('tiny_images', split='train', data_dir=str(data_dir))
   crops = np.stack([tokens_lib.center_crop(source[i]['image'], 20, 20) for i in range(24)])
   want = tok.apply({'params': tok_params}, crops.astype(np.float32) / 127.5 - 1.0,
                    method=tok.encode)
@@ -129,7 +154,7 @@ def test_heads_train_on_an_imported_model_and_speculative_equals_ar(tmp_path):
   np.testing.assert_array_equal(got['label'], [int(source[i]['label']) for i in range(24)])
 
   # A second run reuses the cache: it needs the images no more.
-  shutil.rmtree(tmp_path / 'tfds')
+  shutil.rmtree(data_dir)
   again = inputs.train_source().arrays()
   np.testing.assert_array_equal(again['tokens'], got['tokens'])
 
@@ -142,14 +167,9 @@ def test_heads_train_on_an_imported_model_and_speculative_equals_ar(tmp_path):
   assert set(results) >= {'horizontal_1', 'vertical_1', 'step'}
 
   # sample.py's job on the run: greedy speculative with the trained heads is greedy AR.
-  common = dict(checkpoint=run_dir, num_images=8, batch_size=8, temperature=0.0,
-                cfg_scale=2.0, progress=False, out='')
   tokens = {}
   for method in ('ar', 'speculative'):
-    args = sample_job.SampleArgs(method=method, tokens_out=str(tmp_path / f'{method}.npy'),
-                                 **common)
-    report = sample_job.run(args)
-    tokens[method] = np.load(args.tokens_out)
+    tokens[method], report = sample_tokens(run_dir, method, tiny_run['root'])
   assert report['target_passes'] >= 1
   bundle = pretrained.load(run_dir)
   labels = np.arange(8) % bundle.model.num_classes
@@ -157,10 +177,34 @@ def test_heads_train_on_an_imported_model_and_speculative_equals_ar(tmp_path):
                               'speculative')
 
 
+def test_hawk_trains_on_the_same_cache_and_hawk_equals_ar(tiny_run):
+  """hawk_draft on the imported run, from the token cache the heads test made (the images
+  are gone by then; run alone, this test tokenizes them itself)."""
+  run_dir = tiny_run['run_dir']
+  config = on_tiny_images(hawk_config.get_config('smoke'), tiny_run['data_dir'], 12)
+  config.learning_rate, config.log_every = 1e-2, 1
+  config.lock()
+  _, results = stages.run(config, run_dir)
+  with open(os.path.join(run_dir, 'hawk_draft', 'metrics.jsonl')) as f:
+    logged = [json.loads(line) for line in f]
+  losses = [m['loss'] for m in logged]
+  assert np.mean(losses[-3:]) < np.mean(losses[:3]), losses
+  for mode in ('horizontal', 'horizontal_chain', 'vertical'):
+    assert 0 <= results[mode]['top1_agreement'] <= 1
+    assert 0 < results[mode]['acceptance'] <= 1
+
+  # sample.py's job: greedy hawk with the trained drafter is greedy AR.
+  want, _ = sample_tokens(run_dir, 'ar', tiny_run['root'])
+  got, report = sample_tokens(run_dir, 'hawk', tiny_run['root'])
+  assert report['target_passes'] >= 1
+  bundle = pretrained.load(run_dir)
+  labels = np.arange(8) % bundle.model.num_classes
+  helpers.assert_greedy_equal(bundle, got, want, labels, 2.0, 'hawk')
+
+
 @pytest.fixture(scope='module')
-def tiny_vq(tmp_path_factory):
-  run_dir = import_tiny(str(tmp_path_factory.mktemp('llamagen') / 'run'))
-  return pretrained.load_stage(os.path.join(run_dir, 'tokenizer'), 'tokenizer')
+def tiny_vq(tiny_run):
+  return pretrained.load_stage(os.path.join(tiny_run['run_dir'], 'tokenizer'), 'tokenizer')
 
 
 def test_imagenet2012_mock_data_is_tokenized_once(tmp_path, tiny_vq):

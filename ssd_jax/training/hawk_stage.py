@@ -16,8 +16,8 @@ import numpy as np
 import optax
 
 from ssd_jax import pretrained
-from ssd_jax.data import pipeline
 from ssd_jax.training import ar_stage
+from ssd_jax.training import inputs as inputs_lib
 
 MODES = ('horizontal', 'horizontal_chain', 'vertical')
 
@@ -44,13 +44,15 @@ def drafts(model, drafter, backbone, params, tokens, labels, fed_depth):
 def make_stage(config, workdir):
   tok_dir = ar_stage.earlier_stage_dir(config.tokenizer_dir, workdir, 'tokenizer')
   ar_dir = ar_stage.earlier_stage_dir(config.ar_dir, workdir, 'ar')
-  tokenizer, tok_params, _ = pretrained.load_stage(tok_dir, 'tokenizer')
+  tokenizer, tok_params, tok_spec = pretrained.load_stage(tok_dir, 'tokenizer')
   model, backbone, ar_spec = pretrained.load_stage(ar_dir, 'ar')
   spec = dict(dim=model.dim, grid=list(model.grid), **config.hawk.to_dict())
   ce_weight, null_fraction = spec.pop('ce_weight'), spec.pop('null_fraction')
   chain_depth = spec.pop('chain_depth')
   drafter = pretrained.hawk_module({'hawk_draft': spec})
-  encode = ar_stage.encode_fn(tokenizer)
+  from ssd_jax.training import loop  # pylint: disable=g-import-not-at-top
+  inputs = inputs_lib.StageInputs(config, workdir, tokenizer, tok_spec, tok_params, model,
+                                  log=loop.log)
   logits_fn = lambda p, h: model.apply({'params': p}, h, method=model.logits_from_hidden)
   valid = valid_positions(model.grid)
 
@@ -60,7 +62,7 @@ def make_stage(config, workdir):
   def loss_fn(params, frozen, batch, key, extra):
     del extra
     k_null, k_depth = jax.random.split(key)
-    tokens = encode(frozen['tokenizer'], batch['image'])
+    tokens = inputs.grids(frozen['tokenizer'], batch)
     # Some null-class grids: CFG drafts from the unconditional half too.
     labels = jnp.where(jax.random.bernoulli(k_null, null_fraction, batch['label'].shape),
                        model.null_class, batch['label'])
@@ -83,21 +85,23 @@ def make_stage(config, workdir):
 
   def evaluate(params, frozen, stage_dir, mesh):
     del stage_dir, mesh
-    data = pipeline.load_arrays(config.data, config.data.eval_split, config.eval_examples)
     return evaluate_drafter(model, drafter, frozen['backbone'], params,
-                            lambda x: encode(frozen['tokenizer'], x), data, chain_depth)
+                            lambda batch: inputs.grids(frozen['tokenizer'], batch),
+                            inputs.eval_data(), chain_depth)
 
-  from ssd_jax.training import loop  # pylint: disable=g-import-not-at-top
   return loop.Stage(name='hawk_draft', init_params=init_params, loss_fn=loss_fn,
                     evaluate=evaluate,
-                    frozen={'tokenizer': tok_params, 'backbone': backbone},
+                    # Cached tokens need no encoder on the devices (VQ-16: 0.3 GB).
+                    frozen={'tokenizer': {} if inputs.cache else tok_params,
+                            'backbone': backbone},
                     spec={'hawk_draft': spec, 'backbone': ar_spec['transformer']},
-                    num_heads=spec['num_heads'])
+                    num_heads=spec['num_heads'], train_source=inputs.train_source)
 
 
-def evaluate_drafter(model, drafter, backbone, params, encode, data, chain_depth,
+def evaluate_drafter(model, drafter, backbone, params, grids, data, chain_depth,
                      batch_size=250):
   """Per mode on held-out grids: top-1 agreement with the backbone and sum(min(p, q)).
+  `grids` maps a batch of `data` ({'image' or 'tokens', 'label'}) to [B, H*W] tokens.
 
   `horizontal_chain` feeds the drafter its own states at the chain_depth - 1 positions
   before each one in its row: the chain's last step (horizontal is its first).
@@ -105,8 +109,8 @@ def evaluate_drafter(model, drafter, backbone, params, encode, data, chain_depth
   valid = valid_positions(model.grid)
 
   @jax.jit
-  def batch_stats(images, labels):
-    tokens = encode(images)
+  def batch_stats(batch):
+    tokens, labels = grids(batch), batch['label']
     depth = jnp.full(tokens.shape, chain_depth - 1)
     pred, hidden = drafts(model, drafter, backbone, params, tokens, labels, depth)
     logits = lambda h: model.apply({'params': backbone}, h, method=model.logits_from_hidden)
@@ -118,7 +122,7 @@ def evaluate_drafter(model, drafter, backbone, params, encode, data, chain_depth
 
   sums = [np.zeros(len(MODES)) for _ in range(3)]
   for i in range(0, len(data['label']), batch_size):
-    out = batch_stats(data['image'][i:i + batch_size], data['label'][i:i + batch_size])
+    out = batch_stats({k: v[i:i + batch_size] for k, v in data.items()})
     for s, o in zip(sums, out):
       s += np.asarray(o)
   agree, accept, count = sums
