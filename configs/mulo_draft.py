@@ -28,8 +28,12 @@ def get_config(arg=None):
   config.weight_decay = 0.05
   config.log_every = 50
   config.checkpoint_every = 200
+  config.data.pretokenize = False  # Tokenize the splits once into tokens_dir, train on that.
+  config.data.tokens_dir = ''  # Token cache (with pretokenize); '' = <workdir>/tokens.
+  config.data.tokenize_batch = 64  # Images per tokenizer call while tokenizing, per process.
+  config.data.tokens_chunk = 4096  # Examples per cache file (the unit a rerun resumes at).
   config.sample_cfg_scale = 2.0  # CFG scale of the sample grid written at the end.
-  config.samples_per_class = 10  # Columns of that grid.
+  config.samples_per_class = 10  # Columns of that grid (0 = no grid: 1000 classes).
 
   config.model = ml_collections.ConfigDict()
   config.model.num_layers = 3  # Transformer blocks (the drafter must be cheap).

@@ -31,6 +31,10 @@ def get_config(arg=None):
   config.weight_decay = 0.05
   config.log_every = 50
   config.checkpoint_every = 200
+  config.data.pretokenize = False  # Tokenize the splits once into tokens_dir, train on that.
+  config.data.tokens_dir = ''  # Token cache (with pretokenize); '' = <workdir>/tokens.
+  config.data.tokenize_batch = 64  # Images per tokenizer call while tokenizing, per process.
+  config.data.tokens_chunk = 4096  # Examples per cache file (the unit a rerun resumes at).
 
   config.model = ml_collections.ConfigDict()
   config.model.num_layers = 2  # Non-causal transformer blocks.

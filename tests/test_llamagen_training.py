@@ -3,7 +3,7 @@
 imported VQ-16 into a cache, the heads stage trains on the frozen imported backbone from
 that cache, and greedy speculative decoding with those heads equals greedy AR; then the
 hawk_draft stage trains on the same run from the same cache (the images gone), and greedy
-hawk equals greedy AR."""
+hawk equals greedy AR; so do the MuLo-SD stages, and mulo samples (at tau > 1 as AR)."""
 
 import io
 import json
@@ -19,6 +19,8 @@ from PIL import Image
 import helpers
 from configs import hawk_draft as hawk_config
 from configs import heads as heads_config
+from configs import mulo_draft as mulo_draft_config
+from configs import mulo_upsampler as mulo_upsampler_config
 from ssd_jax import pretrained
 from ssd_jax import sample_job
 from ssd_jax.data import tokens as tokens_lib
@@ -104,11 +106,12 @@ def tiny_run(tmp_path_factory):
   return dict(run_dir=run_dir, data_dir=root / 'tfds', root=root)
 
 
-def sample_tokens(run_dir, method, out_dir):
+def sample_tokens(run_dir, method, out_dir, options=None):
   """sample.py's job on the run: 8 greedy CFG-2 samples, their tokens."""
   args = sample_job.SampleArgs(method=method, tokens_out=str(out_dir / f'{method}.npy'),
                                checkpoint=run_dir, num_images=8, batch_size=8,
-                               temperature=0.0, cfg_scale=2.0, progress=False, out='')
+                               temperature=0.0, cfg_scale=2.0, progress=False, out='',
+                               options=options)
   report = sample_job.run(args)
   return np.load(args.tokens_out), report
 
@@ -200,6 +203,35 @@ def test_hawk_trains_on_the_same_cache_and_hawk_equals_ar(tiny_run):
   bundle = pretrained.load(run_dir)
   labels = np.arange(8) % bundle.model.num_classes
   helpers.assert_greedy_equal(bundle, got, want, labels, 2.0, 'hawk')
+
+
+def test_mulo_stages_train_on_the_same_cache_and_sample(tiny_run):
+  """mulo_draft and mulo_upsampler from the same cache. The tiny run's 5x5 grid pools only
+  by 5 (a 1x1 draft): the degenerate case, but every path of a real one (pooling the
+  cached grids through the imported codebook, both stages, their evaluations, sampling)."""
+  run_dir = tiny_run['run_dir']
+  results = {}
+  for stage, module in (('mulo_draft', mulo_draft_config),
+                        ('mulo_upsampler', mulo_upsampler_config)):
+    config = on_tiny_images(module.get_config('smoke'), tiny_run['data_dir'], 6)
+    config.factor = 5
+    if stage == 'mulo_draft':
+      config.samples_per_class = 0  # no sample grid, as configs/llamagen/ (1000 classes)
+    config.learning_rate, config.log_every = 1e-2, 1
+    config.lock()
+    _, results[stage] = stages.run(config, run_dir)
+  assert 0 < results['mulo_draft']['val_bits_per_token'] < 15
+  up = results['mulo_upsampler']
+  assert 0 <= up['token_accuracy'] <= 1 and up['psnr_upsampled_vs_reconstruction'] > 0
+  bundle = pretrained.load(run_dir)
+  labels = np.arange(8) % bundle.model.num_classes
+  # tau > 1 rejects every drafted token: one island in raster order, plain AR.
+  want, _ = sample_tokens(run_dir, 'ar', tiny_run['root'])
+  got, report = sample_tokens(run_dir, 'mulo', tiny_run['root'], {'tau': 1.5})
+  assert report['target_passes'] == 25  # verify + the 24 tokens after token 0, one by one
+  helpers.assert_greedy_equal(bundle, got, want, labels, 2.0, 'mulo tau=1.5')
+  got, report = sample_tokens(run_dir, 'mulo', tiny_run['root'])  # its default tau
+  assert got.shape == (8, 5, 5) and 1 <= report['target_passes'] <= 25
 
 
 @pytest.fixture(scope='module')
