@@ -2,8 +2,7 @@
 
 Both train on token grids of the frozen tokenizer (encoded per batch, or read from the token
 cache with --config.data.pretokenize: ssd_jax/training/inputs.py); neither needs the target
-AR model. A
-data grid [B, 14, 14] is pooled to [B, 7, 7] (`models.mulo.pool_tokens`, factor
+AR model. A data grid [B, 14, 14] is pooled to [B, 7, 7] (`models.mulo.pool_tokens`, factor
 `config.factor`). `mulo_draft` is a small class-conditional AR transformer on the pooled
 grids (next-token loss, label dropout for CFG); `mulo_upsampler` learns p(fine grid |
 pooled grid, class), a cross-entropy at every fine position against the real grid.
