@@ -234,6 +234,24 @@ def test_mulo_stages_train_on_the_same_cache_and_sample(tiny_run):
   assert got.shape == (8, 5, 5) and 1 <= report['target_passes'] <= 25
 
 
+def test_the_other_head_methods_run_on_the_imported_run(tiny_run):
+  """ssd and lantern with the heads trained above: with greedy decoding, ssd with W - 1
+  rounds per row is AR (the rounds converge) and lantern with delta 0 is speculative.
+  With the tests above, every registered method has now sampled the imported run."""
+  run_dir, root = tiny_run['run_dir'], tiny_run['root']
+  if not os.path.isdir(os.path.join(run_dir, 'heads')):
+    pytest.skip('needs the heads trained by the heads test of this module')
+  bundle = pretrained.load(run_dir)
+  labels = np.arange(8) % bundle.model.num_classes
+  width = bundle.model.grid[1]
+  want, _ = sample_tokens(run_dir, 'ar', root)
+  got, report = sample_tokens(run_dir, 'ssd', root, {'rounds': width - 1})
+  helpers.assert_greedy_equal(bundle, got, want, labels, 2.0, 'ssd rounds=W-1')
+  spec, _ = sample_tokens(run_dir, 'speculative', root)
+  got, _ = sample_tokens(run_dir, 'lantern', root, {'delta': 0.0, 'k': 4})
+  np.testing.assert_array_equal(got, spec)
+
+
 @pytest.fixture(scope='module')
 def tiny_vq(tiny_run):
   return pretrained.load_stage(os.path.join(tiny_run['run_dir'], 'tokenizer'), 'tokenizer')
