@@ -22,41 +22,14 @@ figures in docs/llamagen.md, section 5. Not run here on real weights: no accepta
 """
 
 from configs import hawk_draft
+from configs.llamagen import common
 
 
 def get_config(arg=None):
-  config = hawk_draft.get_config()
-  config.data.name = 'imagenet2012'  # tfds name, prepared on disk (array_record).
-  config.data.train_split = 'train'
-  config.data.eval_split = 'validation'
-  config.data.image_size = 256  # GPT-B's training size (grid = image_size / 16 = 16).
-  config.data.channels = 3
-  config.data.pretokenize = True  # VQ-16 once into <workdir>/tokens, then tokens only.
-  config.data.tokenize_batch = 128  # Images per VQ-16 call per process while tokenizing.
-  config.batch_size = 256
-  config.num_steps = 20000  # Global batches; 20000 x 256 is 4 epochs of ImageNet.
-  config.learning_rate = 1e-3
-  config.warmup_steps = 1000
-  config.log_every = 100
-  config.checkpoint_every = 2000
-  config.eval_examples = 10000  # First validation images: tokenized once, then evaluated.
+  config = common.imagenet(hawk_draft.get_config(), arg, 'configs/llamagen/hawk_b256.py')
   config.hawk.width = 384  # Half GPT-B's width (768).
   config.hawk.num_heads = 6  # Head dim 64, as the backbone's.
   config.hawk.mlp_dim = 1024  # SwiGLU width per layer.
   config.hawk.num_layers = 2  # Window-attention layers.
   config.hawk.rope_base = 100.0  # Axial 2D RoPE base: a 16x16 grid is still small.
-  config.mesh.data = -1  # All devices on the data axis (the frozen backbone is replicated).
-  config.mesh.model = 1
-  if arg == 'smoke':  # The same path on slices of the splits: minutes on one accelerator.
-    config.data.train_split = 'train[:256]'
-    config.data.eval_split = 'validation[:32]'
-    config.data.tokenize_batch = 8
-    config.batch_size = 8
-    config.num_steps = 4
-    config.warmup_steps = 1
-    config.log_every = 2
-    config.checkpoint_every = 4
-    config.eval_examples = 32
-  elif arg:
-    raise ValueError(f'unknown config variant {arg!r}; use configs/llamagen/hawk_b256.py[:smoke]')
   return config

@@ -20,40 +20,13 @@ Not run here on real weights: no acceptance numbers yet.
 """
 
 from configs import heads
+from configs.llamagen import common
 
 
 def imagenet_heads(arg, variant, image_size, heads_mlp_dim, batch_size):
   """The heads config for an imported LlamaGen GPT trained at `image_size`."""
-  config = heads.get_config()
-  config.data.name = 'imagenet2012'  # tfds name, prepared on disk (array_record).
-  config.data.train_split = 'train'
-  config.data.eval_split = 'validation'
-  config.data.image_size = image_size  # The GPT's training size (grid = image_size / 16).
-  config.data.channels = 3
-  config.data.pretokenize = True  # VQ-16 once into <workdir>/tokens, then tokens only.
-  config.data.tokenize_batch = 128  # Images per VQ-16 call per process while tokenizing.
-  config.batch_size = batch_size
-  config.num_steps = 20000  # Global batches; 20000 x 256 is 4 epochs of ImageNet.
-  config.learning_rate = 1e-3
-  config.warmup_steps = 1000
-  config.log_every = 100
-  config.checkpoint_every = 2000
-  config.eval_examples = 10000  # First validation images: tokenized once, then evaluated.
+  config = common.imagenet(heads.get_config(), arg, variant, image_size, batch_size)
   config.heads.mlp_dim = heads_mlp_dim  # Light heads: a third of the backbone's FFN width.
-  config.mesh.data = -1  # All devices on the data axis (the frozen backbone is replicated).
-  config.mesh.model = 1
-  if arg == 'smoke':  # The same path on slices of the splits: minutes on one accelerator.
-    config.data.train_split = 'train[:256]'
-    config.data.eval_split = 'validation[:32]'
-    config.data.tokenize_batch = 8
-    config.batch_size = 8
-    config.num_steps = 4
-    config.warmup_steps = 1
-    config.log_every = 2
-    config.checkpoint_every = 4
-    config.eval_examples = 32
-  elif arg:
-    raise ValueError(f'unknown config variant {arg!r}; use {variant}[:smoke]')
   return config
 
 
