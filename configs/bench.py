@@ -28,6 +28,15 @@ SETTINGS = (
 )
 
 
+def sampling():
+  config = ml_collections.ConfigDict()
+  config.temperature = 1.0  # 0 = greedy.
+  config.top_k = 0  # 0 = off.
+  config.top_p = 1.0  # 1 = off.
+  config.cfg_scale = 2.0  # Classifier-free guidance; 1 = off.
+  return config
+
+
 def get_config(arg=''):
   config = ml_collections.ConfigDict()
   config.mode = 'fidelity'  # bench.py's job: speed and fidelity (configs/speed.py: speed only).
@@ -39,11 +48,7 @@ def get_config(arg=''):
   config.seed = 0  # Seed of every setting (image i uses fold_in(key(seed), i)).
   config.noise_seed = -1  # Seed of the second AR sample (the noise level); -1 = seed + 1.
 
-  config.sampling = ml_collections.ConfigDict()
-  config.sampling.temperature = 1.0  # 0 = greedy.
-  config.sampling.top_k = 0  # 0 = off.
-  config.sampling.top_p = 1.0  # 1 = off.
-  config.sampling.cfg_scale = 2.0  # Classifier-free guidance; 1 = off.
+  config.sampling = sampling()  # How every setting samples.
 
   config.fid = ml_collections.ConfigDict()
   config.fid.classifier = ''  # Classifier stage folder; '' = <checkpoint>/classifier.
