@@ -165,7 +165,7 @@ class Bundle:
         {'params': params}, t, method=self.tokenizer.decode)))
 
   def decode_images(self, tokens, batch_size=256):
-    """tokens [N, H, W] -> uint8 images [N, 28, 28, C]."""
+    """tokens [N, H, W] -> uint8 images [N, H * f, W * f, C] (f: the tokenizer's factor)."""
     if self.tokenizer is None:
       raise ValueError(f'{self.run_dir} has no tokenizer/ stage, so its tokens cannot be '
                        'decoded to images; keep the tokens (--tokens_out) instead.')
