@@ -50,6 +50,13 @@ def _cell(row, key, fmt):
   return '—' if row.get(key) is None else fmt.format(row[key])
 
 
+def markdown_table(rows, columns):
+  """Lines of a markdown table: columns are (header, row key, format); None shows as —."""
+  lines = ['| ' + ' | '.join(c[0] for c in columns) + ' |', '|' + '---|' * len(columns)]
+  return lines + ['| ' + ' | '.join(_cell(r, k, f) for _, k, f in columns) + ' |'
+                  for r in rows]
+
+
 def row_line(row):
   return (f"{row['label']}: {row['target_passes']} passes ({row['tokens_per_pass']:.2f} "
           f"tokens/pass), {row['run_seconds']:.2f} s, FID vs real {row['fid_real']:.3f}, "
@@ -76,11 +83,8 @@ def markdown(summary):
       '(ratio ~1) is statistically indistinguishable from AR at this number of images.',
       '- class acc: share of samples the classifier assigns to the requested class. NLL: '
       'bits/token of the samples under the AR model (teacher forcing, conditional, no CFG, '
-      'temperature 1). Speed-ups are against the `ar` row.', '',
-      '| ' + ' | '.join(c[0] for c in COLUMNS) + ' |',
-      '|' + '---|' * len(COLUMNS)]
-  lines += ['| ' + ' | '.join(_cell(r, k, f) for _, k, f in COLUMNS) + ' |'
-            for r in summary['rows']]
+      'temperature 1). Speed-ups are against the `ar` row.', '']
+  lines += markdown_table(summary['rows'], COLUMNS)
   lines += ['', '![speed-up against FID](speedup_vs_fid.png)', '',
             'samples.png: the first images of each setting, one row per setting, in table '
             'order.', '']

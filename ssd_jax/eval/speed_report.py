@@ -3,6 +3,8 @@
 import json
 import os
 
+from ssd_jax.eval import report
+
 COLUMNS = (  # (header, row key, format)
     ('setting', 'label', '{}'), ('lossless', 'lossless', '{}'),
     ('block k', 'block_tokens', '{:d}'), ('passes/batch', 'passes_per_batch', '{:.1f}'),
@@ -15,10 +17,6 @@ COLUMNS = (  # (header, row key, format)
 )
 
 
-def _cell(row, key, fmt):
-  return '—' if row.get(key) is None else fmt.format(row[key])
-
-
 def row_line(row):
   return (f"{row['dtype']} batch {row['batch_size']} {row['label']}: "
           f"{row['passes_per_batch']:.1f} passes/batch, {row['ms_per_pass']:.3f} ms/pass "
@@ -28,9 +26,7 @@ def row_line(row):
 
 def _table(rows, with_batch):
   columns = ((('batch', 'batch_size', '{:d}'),) if with_batch else ()) + COLUMNS
-  lines = ['| ' + ' | '.join(c[0] for c in columns) + ' |', '|' + '---|' * len(columns)]
-  lines += ['| ' + ' | '.join(_cell(r, k, f) for _, k, f in columns) + ' |' for r in rows]
-  return lines
+  return report.markdown_table(rows, columns)
 
 
 def markdown(summary):
