@@ -28,9 +28,8 @@ def arg(default, doc, choices=None):
 
 
 def _base_type(annotation):
-  """int / float / str / bool / list from a field's annotation (Optional[...] unwrapped)."""
-  if isinstance(annotation, str):
-    annotation = eval(annotation, vars(typing))  # pylint: disable=eval-used
+  """int / float / str / bool / list from a resolved annotation (typing.get_type_hints;
+  Optional[...] unwrapped)."""
   args = [a for a in typing.get_args(annotation) if a is not type(None)]
   if typing.get_origin(annotation) is typing.Union and len(args) == 1:
     annotation = args[0]

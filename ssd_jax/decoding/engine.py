@@ -11,7 +11,7 @@ do not depend on the batch size.
 
 import dataclasses
 import time
-from typing import Any, Optional
+from typing import Any
 
 import flax.linen as nn
 import jax
