@@ -68,6 +68,16 @@ def last_token(s):
   return gather(s.tokens, (s.length - 1)[:, None], axis=1)
 
 
+def judge(target, keys, passes, stream, p, q, draft, rule=None):
+  """Each draft [B, K] on its own: (accept [B, K], resample [B, K, V]) by `rule` (see
+  acceptance.py; None = exact, the argmax match at temperature 0), its uniforms from
+  `stream` of pass `passes` ([] or [B]); lossy rules get uniform = 0 at temperature 0."""
+  if target.sampling.greedy and rule is None:
+    return acceptance.accept_greedy(p, draft)
+  u = keys_lib.uniforms(keys, passes, stream, draft.shape[1:], target.sampling.greedy)
+  return (rule or acceptance.accept_exact)(u, p, q, draft)
+
+
 def accept_prefix(target, keys, s, probs, q, draft, valid, rule):
   """Checks drafts [B, K] for positions n .. n+K-1 in order against probs [B, K + 1, V]
   (output j is p at position n + j) and draws the token that follows the kept prefix.
@@ -78,13 +88,8 @@ def accept_prefix(target, keys, s, probs, q, draft, valid, rule):
   accept, the bonus from p after the last draft when all K stood).
   """
   k = draft.shape[1]
-  p = probs[:, :k]
-  if target.sampling.greedy and rule is None:
-    ok, resample = acceptance.accept_greedy(p, draft)
-  else:
-    u = keys_lib.uniforms(keys, s.passes, keys_lib.Stream.ACCEPT, (k,),
-                          target.sampling.greedy)
-    ok, resample = (rule or acceptance.accept_exact)(u, p, q, draft)
+  ok, resample = judge(target, keys, s.passes, keys_lib.Stream.ACCEPT, probs[:, :k], q,
+                       draft, rule)
   a = acceptance.leading_accepted(ok & valid)                       # [B]
   rejected = (a < k) & at_index(valid, a)
   extra_probs = jnp.where(rejected[:, None], at_index(resample, a), at_index(probs, a))

@@ -23,7 +23,6 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from ssd_jax.decoding import acceptance
 from ssd_jax.decoding import drafts
 from ssd_jax.decoding import keys as keys_lib
 from ssd_jax.decoding import registry
@@ -66,11 +65,8 @@ def verify_round(target, keys, own, row, row_q, probs):
   w = row.shape[1]
   p = probs[:, :w - 1]
   drafted = row[:, 1:]
-  if target.sampling.greedy:
-    ok, resample = acceptance.accept_greedy(p, drafted)
-  else:
-    u = keys_lib.uniforms(keys, own, Stream.ROW_ACCEPT, (w - 1,), False)
-    ok, resample = acceptance.accept_exact(u, p, row_q[:, 1:], drafted)
+  ok, resample = state_lib.judge(target, keys, own, Stream.ROW_ACCEPT, p, row_q[:, 1:],
+                                 drafted)
   fixed = target.sample(keys_lib.pass_keys(keys, own, Stream.ROW_FIX), resample)
   return row.at[:, 1:].set(jnp.where(ok, drafted, fixed)), row_q.at[:, 1:].set(p)
 
