@@ -1,7 +1,7 @@
 """Speed and fidelity of decoding methods on one checkpoint (same classes, same seeds).
 
   python bench.py --config=configs/bench.py --out_dir=docs/bench
-  python bench.py --config=configs/bench.py --config.num_images=1000 \
+  python bench.py --config=configs/bench.py --config.num_images=256 \
       --config.settings="(('ssd', {'rounds': 3}),)"
   python bench.py --config=configs/bench.py:smoke --out_dir=/tmp/bench
   python bench.py --config=configs/speed.py --out_dir=docs/bench/speed    # speed only

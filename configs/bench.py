@@ -1,7 +1,7 @@
 """bench.py's settings: every method on one checkpoint, the same classes and seeds.
 
   python bench.py --config=configs/bench.py --out_dir=docs/bench          # docs/results.md
-  python bench.py --config=configs/bench.py --config.num_images=1000 --out_dir=/tmp/b
+  python bench.py --config=configs/bench.py --config.num_images_by_method.sjd=512 --out_dir=/tmp/b
   python bench.py --config=configs/bench.py:smoke --out_dir=/tmp/b         # seconds
 
 Speed alone, per batch size and against the floor of a bare forward: configs/speed.py.
@@ -10,6 +10,11 @@ Each setting is (method, {option: value}) with the method's own option names (se
 `python sample.py --help`: --ssd_rounds is ('ssd', {'rounds': ...})). An ablation is a
 small config that imports this one and changes `settings`. Plain AR always runs first at
 `seed` (the baseline of every speed-up) and again at `noise_seed` (the noise level of FID).
+
+Images: `num_images` for AR (both seeds) and every method, but `num_images_by_method` for
+the methods it lists (the slow ones: 256). A setting with n images is compared with AR's
+first n images, against the noise level at n (AR vs AR over the first n); `fid.bootstrap`
+resamples give each of them an interval, so a real fidelity loss shows apart from noise.
 """
 
 import ml_collections
@@ -42,7 +47,16 @@ def get_config(arg=''):
   config.mode = 'fidelity'  # bench.py's job: speed and fidelity (configs/speed.py: speed only).
   config.checkpoint = ''  # Run folder; '' = the release in checkpoints/fmnist.
   config.settings = SETTINGS  # (method, {option: value}) pairs compared with plain AR.
-  config.num_images = 128  # Images per setting.
+  config.num_images = 1000  # Images of AR (both seeds) and of every method not below.
+  # Images of the slow methods (at most num_images: FID vs AR uses AR's first n images).
+  # Another method's own count needs a config: a locked config takes no new keys.
+  config.num_images_by_method = ml_collections.ConfigDict()
+  config.num_images_by_method.sjd = 256  # 4.7x AR's run time per image on 2 CPU cores.
+  config.num_images_by_method.gsd = 256  # 4.4x AR's.
+  config.num_images_by_method.lantern = 256  # 1.6x AR's.
+  config.num_images_by_method.zipar = 256  # 2.1x AR's.
+  config.num_images_by_method.hawk = 256  # 4.8x AR's.
+  config.num_images_by_method.mulo = 256  # 7.2x AR's.
   config.batch_size = 16  # Images per decoding batch.
   config.classes = ()  # Class ids, cycled; () = all classes.
   config.seed = 0  # Seed of every setting (image i uses fold_in(key(seed), i)).
@@ -59,6 +73,8 @@ def get_config(arg=''):
   config.fid.idx_dir = ''  # Fashion-MNIST IDX folder; '' = Debian's package location.
   config.fid.split = 'test'  # Split of the real images.
   config.fid.num_real = 10000  # Real images for FID, at most.
+  config.fid.bootstrap = 200  # Bootstrap resamples behind each FID-vs-AR interval; 0 = none.
+  config.fid.interval = 0.9  # Probability mass of those intervals (percentile bootstrap).
 
   config.mesh = ml_collections.ConfigDict()
   config.mesh.data = -1  # Devices on the 'data' axis (-1: all).
@@ -68,8 +84,11 @@ def get_config(arg=''):
   if arg == 'smoke':
     config.settings = (('speculative', {}), ('ssd', {'rounds': 1}))
     config.num_images = 8
+    # A second image count, so the smoke bench compares at two sizes.
+    config.num_images_by_method = ml_collections.ConfigDict({'ssd': 4})
     config.batch_size = 8
     config.fid.num_real = 200
+    config.fid.bootstrap = 20
   elif arg:
     raise ValueError(f'configs/bench.py:{arg}: the variants are "" and "smoke".')
   return config

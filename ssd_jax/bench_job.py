@@ -5,6 +5,10 @@ fold_in(key(seed), i)), so differences come from the method alone. Plain AR at `
 the baseline of every speed-up and FID-vs-AR; AR again at `noise_seed` gives the noise
 level: the FID between two samples of the very same distribution at this number of images.
 A setting whose FID against AR is at that level is statistically indistinguishable from AR.
+
+A method listed in config.num_images_by_method makes fewer images (n): it is compared with
+AR's first n images, which are the images an n-image AR run makes, against the noise level
+over the first n of both AR runs. Bootstrap intervals on both tell a loss from noise.
 """
 
 import dataclasses
@@ -33,17 +37,83 @@ class Setting:
   method: registry.Method
   options: object
   seed: int
+  num_images: int
 
 
 def settings_of(config):
-  """The settings to benchmark (AR first, twice), each method's options validated."""
-  settings = [Setting('ar', registry.get('ar'), registry.NoOptions(), config.seed),
-              Setting(f'ar (seed {noise_seed(config)})', registry.get('ar'),
-                      registry.NoOptions(), noise_seed(config))]
+  """The settings to benchmark (AR first, twice), each method's options and images checked."""
+  check_counts(config)
+  ar = registry.get('ar')
+  settings = [Setting('ar', ar, registry.NoOptions(), config.seed, config.num_images),
+              Setting(f'ar (seed {noise_seed(config)})', ar, registry.NoOptions(),
+                      noise_seed(config), config.num_images)]
   for label, method, options in engine.resolve_settings(config.settings):
     if label not in [s.label for s in settings]:
-      settings.append(Setting(label, method, options, config.seed))
+      settings.append(Setting(label, method, options, config.seed,
+                              images_of(config, method.name)))
   return settings
+
+
+def images_of(config, name):
+  """The number of images of method `name`, refused if FID vs AR cannot use it."""
+  n = config.num_images_by_method.get(name, config.num_images)
+  if not 2 <= n <= config.num_images:
+    # AR's first n images stand in for an n-image AR run only while n <= its count.
+    raise ValueError(f'--config.num_images_by_method.{name}={n}: use 2 (FID needs two '
+                     f'images) to --config.num_images={config.num_images} (FID vs AR '
+                     "compares with AR's first n images).")
+  return n
+
+
+def check_counts(config):
+  """Refuses too few images, unknown methods in num_images_by_method and bad intervals."""
+  if config.num_images < 2:
+    raise ValueError(f'--config.num_images={config.num_images}: FID needs at least 2 images.')
+  for name, n in config.num_images_by_method.items():
+    field = f'--config.num_images_by_method.{name}={n}'
+    if name not in registry.names():
+      raise ValueError(f'{field}: unknown method {name!r}; choose among '
+                       f'{", ".join(registry.names())}.')
+    if name == 'ar':
+      raise ValueError(f'{field}: AR is the reference of every count; set '
+                       '--config.num_images instead.')
+  if config.fid.bootstrap < 0 or not 0 < config.fid.interval < 1:
+    raise ValueError(f'--config.fid.bootstrap={config.fid.bootstrap} --config.fid.interval='
+                     f'{config.fid.interval}: use bootstrap >= 0 (0 = no intervals) and '
+                     '0 < interval < 1.')
+
+
+def against_ar(feats, counts, resamples, level, seed):
+  """FID vs AR of every setting at its own image count, and the noise level at each count.
+
+  feats: [N_i, F] per setting, AR at the seed first and at the noise seed second (both at
+  the largest count); counts: the N_i. Setting i is compared with AR's first N_i images;
+  the noise level at n is FID(AR other seed[:n], AR[:n]). Intervals (fid.bootstrap_interval,
+  the same `seed` for all, so equal counts share their resamples) are None when resamples
+  is 0. Returns (a dict per setting, {n: {'fid': ..., 'interval': [lo, hi]}}).
+  """
+  base, other = feats[0], feats[1]
+
+  def compare(x, n):
+    interval = (list(fid_lib.bootstrap_interval(x, base[:n], resamples, level, seed))
+                if resamples else None)
+    return fid_lib.fid(x, base[:n]), interval
+
+  noise = {n: dict(zip(('fid', 'interval'), compare(other[:n], n)))
+           for n in sorted(set(counts), reverse=True)}
+  out = []
+  for i, (x, n) in enumerate(zip(feats, counts)):
+    if i == 0:
+      fid_ar, interval = None, None
+    elif i == 1:  # AR at the other seed: the noise level itself
+      fid_ar, interval = noise[n]['fid'], noise[n]['interval']
+    else:
+      fid_ar, interval = compare(x, n)
+    out.append(dict(
+        num_images=n, fid_ar=fid_ar, fid_ar_interval=interval, noise_fid=noise[n]['fid'],
+        noise_interval=noise[n]['interval'],
+        fid_ar_over_noise=None if i == 0 else fid_ar / max(noise[n]['fid'], 1e-12)))
+  return out, noise
 
 
 def noise_seed(config):
@@ -64,8 +134,6 @@ def load_real_images(fid, classes, image_shape):
 
 def run(config, out_dir, command=''):
   """Benchmarks config.settings against plain AR; writes results.* into out_dir."""
-  if config.num_images < 2:
-    raise ValueError(f'--config.num_images={config.num_images}: FID needs at least 2 images.')
   settings = settings_of(config)
   sampling = sampling_lib.Sampling(**config.sampling.to_dict()).validate(float('inf'))
   classes = list(config.classes) or None
@@ -89,20 +157,22 @@ def run(config, out_dir, command=''):
   mesh = sharding.make_mesh(config.mesh.data, config.mesh.model)
   token_nll = metrics.token_nll_bits_fn(bundle.model, bundle.params)
 
-  rows, feats, grids = [], {}, []
+  rows, feats, grids = [], [], []
+  ncols = min(10, *(s.num_images for s in settings))
   log = jax.process_index() == 0  # every process runs every setting; one reports
   for s in tqdm(settings, desc='settings', unit='setting',
                 disable=not config.progress or not log):
-    result = engine.generate(bundle, s.method.name, sampling, config.num_images,
+    result = engine.generate(bundle, s.method.name, sampling, s.num_images,
                              config.batch_size, classes, s.seed, s.options, mesh,
                              config.progress)
     images = bundle.decode_images(result.tokens)
-    feats[s.label] = features_lib.extract(extractor, images)
-    grids.append(images[:10])
+    feats.append(features_lib.extract(extractor, images))
+    grids.append(images[:ncols])
     row = dict(label=s.label, seed=s.seed, **{k: result.stats[k] for k in (
-        'method', 'lossless', 'options', 'target_passes', 'draft_passes', 'tokens_per_pass',
-        'compile_seconds', 'run_seconds', 'images_per_second')})
-    row['fid_real'] = fid_lib.fid(feats[s.label], real_features)
+        'method', 'lossless', 'options', 'num_images', 'target_passes', 'draft_passes',
+        'target_passes_per_batch', 'tokens_per_pass', 'compile_seconds', 'run_seconds',
+        'images_per_second')})
+    row['fid_real'] = fid_lib.fid(feats[-1], real_features)
     row['class_accuracy'] = metrics.class_accuracy(judge.predict(images), result.labels)
     row['nll_bits'] = token_nll(result.tokens, result.labels)
     rows.append(row)
@@ -110,25 +180,28 @@ def run(config, out_dir, command=''):
       tqdm.write(report.row_line(row))
 
   base = rows[0]
-  noise = fid_lib.fid(feats[rows[1]['label']], feats[base['label']])
-  for row in rows:
-    row['speedup_passes'] = base['target_passes'] / row['target_passes']
-    row['speedup_wall'] = base['run_seconds'] / max(row['run_seconds'], 1e-9)
-    row['fid_ar'] = None if row is base else fid_lib.fid(feats[row['label']],
-                                                          feats[base['label']])
-    row['fid_ar_over_noise'] = None if row is base else row['fid_ar'] / max(noise, 1e-12)
+  fidelity, noise = against_ar(feats, [s.num_images for s in settings], config.fid.bootstrap,
+                               config.fid.interval, config.seed)
+  for row, extra in zip(rows, fidelity):
+    # Per batch and per image: rows may make fewer images (fewer batches) than AR.
+    row['speedup_passes'] = base['target_passes_per_batch'] / row['target_passes_per_batch']
+    row['speedup_wall'] = row['images_per_second'] / base['images_per_second']
+    row.update(extra)
   summary = dict(
       command=command, args=config.to_dict(), checkpoint=report.relative(bundle.run_dir),
       classifier=report.relative(judge_dir), features=config.fid.features,
       num_real_images=len(real), real_split=config.fid.split,
-      sampling=dataclasses.asdict(sampling), noise_fid=noise, machine=report.machine(),
+      sampling=dataclasses.asdict(sampling), noise_fid=noise[config.num_images]['fid'],
+      noise_by_images=noise, machine=report.machine(),
       classifier_test_accuracy=report.stage_result(judge_dir, 'test_accuracy'), rows=rows)
   if log:
-    report.write_all(out_dir, summary, np.concatenate(grids), ncols=len(grids[0]))
+    report.write_all(out_dir, summary, np.concatenate(grids), ncols=ncols)
   return summary
 
 
 def summary_line(summary, out_dir):
   """bench.py's last line."""
-  return (f"noise level (AR vs AR, another seed): FID {summary['noise_fid']:.3f}; wrote "
+  levels = ', '.join(f'{report.with_interval(v["fid"], v["interval"])} at {n} images'
+                     for n, v in summary['noise_by_images'].items())
+  return (f'noise level (AR vs AR, another seed): FID {levels}; wrote '
           f'{out_dir}/results.md, results.json, speedup_vs_fid.png, samples.png')

@@ -47,6 +47,63 @@ def test_fid_of_one_dimensional_gaussians_has_closed_form():
   np.testing.assert_allclose(fid_lib.fid(a, b), (1 - 7) ** 2 + (2 ** 0.5 - 8 ** 0.5) ** 2)
 
 
+def test_bootstrap_interval_is_reproducible_and_separates_a_shift():
+  rng = np.random.default_rng(4)
+  a, b = rng.normal(size=(300, 4)), rng.normal(size=(300, 4))
+  shifted = rng.normal(loc=0.5, size=(300, 4))
+  same = fid_lib.bootstrap_interval(a, b, 50, 0.9, seed=0)
+  assert same[0] <= same[1]
+  assert fid_lib.bootstrap_interval(a, b, 50, 0.9, seed=0) == same
+  assert fid_lib.bootstrap_interval(a, b, 50, 0.9, seed=1) != same
+  assert fid_lib.bootstrap_interval(a, b, 50, 0.5, seed=0)[1] <= same[1]  # narrower
+  apart = fid_lib.bootstrap_interval(a, shifted, 50, 0.9, seed=0)
+  assert apart[0] > same[1]  # 4 * 0.5^2 = 1 apart, far beyond the noise of 300 samples
+  with pytest.raises(ValueError, match='resamples'):
+    fid_lib.bootstrap_interval(a, b, 0, 0.9)
+
+
+def test_each_setting_is_compared_with_the_first_n_ar_images():
+  rng = np.random.default_rng(5)
+  ar, other, full, small = (rng.normal(size=(n, 3)) for n in (12, 12, 12, 5))
+  rows, noise = bench_job.against_ar([ar, other, full, small], [12, 12, 12, 5], 10, 0.9, 0)
+  assert sorted(noise) == [5, 12]
+  assert noise[5]['fid'] == fid_lib.fid(other[:5], ar[:5])
+  assert noise[12]['fid'] == fid_lib.fid(other, ar)
+  assert rows[3]['fid_ar'] == fid_lib.fid(small, ar[:5])
+  assert rows[3]['noise_fid'] == noise[5]['fid'] and rows[2]['noise_fid'] == noise[12]['fid']
+  assert rows[3]['fid_ar_interval'] == list(fid_lib.bootstrap_interval(small, ar[:5], 10, 0.9))
+  assert rows[1]['fid_ar'] == noise[12]['fid'] and rows[1]['fid_ar_over_noise'] == 1.0
+  assert rows[0]['fid_ar'] is None and rows[0]['fid_ar_interval'] is None
+  assert [r['num_images'] for r in rows] == [12, 12, 12, 5]
+  rows, noise = bench_job.against_ar([ar, other, small], [12, 12, 5], 0, 0.9, 0)
+  assert rows[2]['fid_ar_interval'] is None and noise[5]['interval'] is None
+
+
+@pytest.mark.parametrize('field, value, message', [
+    ('ssd', 9, 'num_images_by_method.ssd=9: use 2 .* to --config.num_images=8'),
+    ('ssd', 1, 'num_images_by_method.ssd=1: use 2'),
+    ('warp', 4, "num_images_by_method.warp=4: unknown method 'warp'"),
+    ('ar', 4, 'num_images_by_method.ar=4: AR is the reference'),
+])
+def test_bench_refuses_image_counts_before_loading(field, value, message):
+  from configs import bench  # pylint: disable=g-import-not-at-top
+  config = bench.get_config('smoke')
+  config.checkpoint = '/nonexistent/run'  # loading it would fail with another message
+  config.num_images_by_method[field] = value
+  with pytest.raises(ValueError, match=message):
+    bench_job.run(config, '/nonexistent/out')
+
+
+def test_only_the_methods_that_run_need_a_usable_count():
+  from configs import bench  # pylint: disable=g-import-not-at-top
+  config = bench.get_config()
+  config.num_images = 128  # below sjd's 256: refused while sjd runs, fine once it does not
+  with pytest.raises(ValueError, match='num_images_by_method.sjd=256'):
+    bench_job.settings_of(config)
+  config.settings = (('ssd', {'rounds': 1}),)
+  assert [s.num_images for s in bench_job.settings_of(config)] == [128, 128, 128]
+
+
 def test_class_accuracy_on_a_toy_case():
   assert metrics.class_accuracy([0, 1, 2, 2], [0, 1, 1, 2]) == 0.75
   with pytest.raises(ValueError):
@@ -140,6 +197,16 @@ def test_bench_end_to_end_writes_table_json_and_plot(smoke_run, tmp_path):
   rows = {r['label']: r for r in saved['rows']}
   assert rows['ar']['speedup_passes'] == 1.0 and rows['ar']['fid_ar'] is None
   assert rows['ar (seed 1)']['fid_ar'] == pytest.approx(summary['noise_fid'])
+  # The smoke config gives ssd fewer images: it is compared at its own count.
+  assert {label: r['num_images'] for label, r in rows.items()} == {
+      'ar': 16, 'ar (seed 1)': 16, 'speculative': 16, 'ssd rounds=0': 4}
+  assert sorted(saved['noise_by_images']) == ['16', '4']
+  assert rows['ssd rounds=0']['noise_fid'] == saved['noise_by_images']['4']['fid']
+  assert rows['speculative']['noise_fid'] == pytest.approx(summary['noise_fid'])
+  assert rows['ar']['fid_ar_interval'] is None
+  for row in saved['rows'][1:]:
+    for key in ('fid_ar_interval', 'noise_interval'):
+      assert row[key][0] <= row[key][1], (row['label'], key)
   for row in saved['rows']:
     assert 0.0 <= row['class_accuracy'] <= 1.0
     assert np.isfinite(row['fid_real']) and row['nll_bits'] > 0
@@ -148,7 +215,9 @@ def test_bench_end_to_end_writes_table_json_and_plot(smoke_run, tmp_path):
   assert saved['checkpoint'] == smoke_run.workdir  # outside the repository: as given
   table = open(os.path.join(out_dir, 'results.md')).read()
   assert 'python bench.py --smoke' in table and '| ssd rounds=0 |' in table
-  assert 'noise level' in table
+  assert 'noise level' in table and '| images |' in table and '(90% interval)' in table
+  assert 'over 20 resamples' in table
+  assert 'at 4 images' in bench_job.summary_line(summary, out_dir)
 
 
 def test_bench_refuses_a_checkpoint_without_classifier_or_data(smoke_run, tmp_path):

@@ -3,7 +3,8 @@
 FID = |mu_a - mu_b|^2 + tr(S_a + S_b - 2 (S_a S_b)^(1/2)) of Gaussians fitted to the two
 feature sets. It is biased upwards at small sample sizes and depends on the feature space,
 so compare numbers only at the same number of images and the same extractor; bench.py
-states the noise level (AR against AR with another seed) next to every comparison.
+states the noise level (AR against AR with another seed) next to every comparison, each
+with a bootstrap interval.
 """
 
 import warnings
@@ -53,3 +54,25 @@ def fid(features_a, features_b):
     raise ValueError(f'feature dimensions differ: {stats_a[0].shape[0]} vs '
                      f'{stats_b[0].shape[0]}; use one extractor for both sets.')
   return frechet_distance(*stats_a, *stats_b)
+
+
+def bootstrap_interval(features_a, features_b, resamples, level=0.9, seed=0):
+  """(lo, hi): the central `level` percentile interval of FID over bootstrap resamples.
+
+  Each resample draws both sets with replacement, independently, as many rows as each has.
+  A resample holds only ~63% distinct rows, so its FID carries more sampling noise and sits
+  a little above fid(features_a, features_b): the interval is biased upward and need not
+  contain the point value. Compare it with an interval computed the same way (bench.py:
+  the AR-vs-AR noise interval at the same number of images), not with a point value.
+  The same `seed` gives the same interval.
+  """
+  if resamples < 1 or not 0 < level < 1:
+    raise ValueError(f'bootstrap: need resamples >= 1 and 0 < level < 1, got {resamples} '
+                     f'and {level}.')
+  a, b = np.asarray(features_a, np.float64), np.asarray(features_b, np.float64)
+  rng = np.random.default_rng(seed)
+  values = [fid(a[rng.integers(0, len(a), len(a))], b[rng.integers(0, len(b), len(b))])
+            for _ in range(resamples)]
+  tail = 50.0 * (1.0 - level)
+  lo, hi = np.percentile(values, [tail, 100.0 - tail])
+  return float(lo), float(hi)
