@@ -80,7 +80,9 @@ def init_args(stage, module):
   if stage == 'classifier':
     s = module.image_size
     return (jnp.zeros((1, s, s, module.image_channels), jnp.uint8),)
-  return (jnp.zeros((1, module.dim)), jnp.zeros((1, module.dim)))
+  # heads: a hidden state and token embedding (+ each head's context with `context`)
+  ctx = (jnp.zeros((1, module.num_horizontal + module.num_vertical, module.dim)),) * 2
+  return (jnp.zeros((1, module.dim)), jnp.zeros((1, module.dim))) + (ctx if module.context else ())
 
 
 def boxed_abstract_params(stage, module):

@@ -3,6 +3,7 @@ statistical checks that a sampler draws from exactly the target's distribution."
 
 import itertools
 import math
+import os
 
 import jax
 import jax.numpy as jnp
@@ -17,6 +18,7 @@ from ssd_jax.decoding import target as target_lib
 from ssd_jax.models import heads as heads_lib
 from ssd_jax.models import transformer
 from ssd_jax.models import vq
+from ssd_jax.training import checkpoint
 
 
 def one_device_mesh():
@@ -28,6 +30,15 @@ def bundle(model, params, tokenizer=None, tokenizer_params=None, **stages):
   return pretrained.Bundle('tiny-random', tokenizer, tokenizer_params, model, params,
                            stages={name: pretrained.Stage(*stage) for name, stage in
                                    stages.items()})
+
+
+def save_stage(stage_dir, spec, params, step=1):
+  """A stage folder as training leaves it: model.json + an Orbax checkpoint at `step`."""
+  ckpts = checkpoint.StageCheckpoints(str(stage_dir))
+  ckpts.save(step, params, force=True)
+  ckpts.wait()
+  checkpoint.save_json(os.path.join(str(stage_dir), 'model.json'), spec)
+  return stage_dir
 
 
 def init_params(module, key, *args):
@@ -56,21 +67,23 @@ def head_params(heads, key, copy=False):
   """Random neighbour-head params; copy=True pushes each head's first layer towards
   [I; 0] (predict the neighbour's state as the source's own), which a repetitive random
   model accepts often enough to test acceptance and rejection both."""
-  params = init_params(heads, key, jnp.zeros((1, heads.dim)), jnp.zeros((1, heads.dim)))
+  params = init_params(heads, key, *pretrained.init_args('heads', heads))
   if not copy:
     return params
-  eye = jnp.concatenate([jnp.eye(heads.dim), jnp.zeros((heads.dim, heads.dim))])
+  rows = params['horizontal_1']['w0']['kernel'].shape[0]  # 2D, or 4D with context
+  eye = jnp.concatenate([jnp.eye(heads.dim), jnp.zeros((rows - heads.dim, heads.dim))])
   return {name: dict(p, w0={'kernel': p['w0']['kernel'] + eye}) for name, p in params.items()}
 
 
 def heads_bundle(vocab, grid, seed=0, sharpen=8.0, embed_scale=1.0, num_horizontal=3,
-                 copy=True, num_layers=2, dim=32, num_heads=2, mlp_dim=64, with_codes=False):
+                 copy=True, num_layers=2, dim=32, num_heads=2, mlp_dim=64, with_codes=False,
+                 context=False):
   """A random backbone with neighbour heads (and a random codebook when with_codes)."""
   keys = jax.random.split(jax.random.key(seed), 3)
   model = tiny_model(vocab, grid, num_layers=num_layers, dim=dim, num_heads=num_heads,
                      mlp_dim=mlp_dim)
   heads = heads_lib.NeighbourHeads(num_horizontal=num_horizontal, num_vertical=1, dim=dim,
-                                   mlp_dim=32)
+                                   mlp_dim=32, context=context)
   tok = tok_params = None
   if with_codes:  # only the codebook is read by the methods that measure in it
     tok = vq.VQTokenizer(codebook_size=vocab, code_dim=4, channels=8, num_res_blocks=1)

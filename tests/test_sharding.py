@@ -86,13 +86,6 @@ TOKENIZER_SPEC = dict(codebook_size=VOCAB, code_dim=4, channels=8, num_res_block
                       factor=7, image_channels=1)
 
 
-def save_stage(stage_dir, spec, params, step=1):
-  ckpts = checkpoint.StageCheckpoints(stage_dir)
-  ckpts.save(step, params, force=True)
-  ckpts.wait()
-  checkpoint.save_json(os.path.join(stage_dir, 'model.json'), spec)
-
-
 def write_tokenizer(stage_dir):
   """A randomly initialised VQ tokenizer stage: 28x28 images <-> 4x4 grids of 16 codes."""
   module = vq.VQTokenizer(**TOKENIZER_SPEC)
@@ -100,7 +93,7 @@ def write_tokenizer(stage_dir):
   with jax.threefry_partitionable(False):
     params = jax.jit(lambda k: module.init(k, jnp.zeros((1, 28, 28, 1)))['params'])(
         jax.random.key(0))
-  save_stage(stage_dir, {'tokenizer': TOKENIZER_SPEC}, params)
+  helpers.save_stage(stage_dir, {'tokenizer': TOKENIZER_SPEC}, params)
 
 
 def write_data(root):
@@ -123,10 +116,10 @@ def run_dir(tmp_path_factory, tiny):
   write_tokenizer(str(root / 'tokenizer'))
   spec = lambda module: {f.name: getattr(module, f.name) for f in dataclasses.fields(module)
                          if f.name not in ('parent', 'name')}
-  save_stage(str(root / 'ar'), {'transformer': spec(tiny.model), 'class_names': []},
+  helpers.save_stage(str(root / 'ar'), {'transformer': spec(tiny.model), 'class_names': []},
              tiny.params)
   heads = tiny.stage('heads')
-  save_stage(str(root / 'heads'), {'heads': spec(heads.module)}, heads.params)
+  helpers.save_stage(str(root / 'heads'), {'heads': spec(heads.module)}, heads.params)
   return str(root)
 
 
@@ -311,7 +304,7 @@ def test_checkpoint_saved_on_one_device_restores_sharded_and_back(run_dir, tiny,
   assert params['lm_head']['kernel'].sharding.spec == jax.sharding.PartitionSpec(None, 'model')
   jax.tree.map(np.testing.assert_array_equal, params, tiny.params)
   # ... and back: saved sharded over 8 devices, restored onto one.
-  save_stage(str(tmp_path / 'ar'), checkpoint.load_json(
+  helpers.save_stage(str(tmp_path / 'ar'), checkpoint.load_json(
       os.path.join(run_dir, 'ar', 'model.json')), params)
   _, back, _ = pretrained.load_stage(str(tmp_path / 'ar'), 'ar')
   assert {len(x.sharding.device_set) for x in jax.tree.leaves(back)} == {1}

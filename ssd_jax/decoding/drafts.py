@@ -4,6 +4,9 @@ h(i) below is the target's hidden state that predicted token i (kept per committ
 position in the decode state). A draft for position j comes either from the horizontal
 head d = j - (n - 1) at the last committed position n - 1 (same row only), or from the
 vertical head 1 at the position straight above, j - W (when that one is committed).
+Heads with context also get the state and embedding of one committed neighbour of their
+target (models/heads.py): (y - 1, x + k) for horizontal head k, (y, x + 1) for the
+vertical head; a vertical draft whose (y, x + 1) is not committed yet is not made.
 Draft distributions go through the target's own CFG and sampling processing.
 """
 
@@ -63,9 +66,21 @@ class HeadDrafter:
   def _emb(self, params, tokens):
     return self.target.embed(params['ar'], jnp.maximum(tokens, 0))
 
-  def _apply(self, params, method, hidden, emb):  # hidden [G, B, ..., D], emb [B, ..., D]
+  def _apply(self, params, method, hidden, emb, ctx=()):
+    """hidden [G, B, ..., D], emb [B, ..., D], ctx () or (hidden, emb) of the context."""
     emb = jnp.broadcast_to(emb, hidden.shape)
-    return self.heads.apply({'params': params['heads']}, hidden, emb, method=method)
+    if ctx:
+      ctx = (ctx[0], jnp.broadcast_to(ctx[1], ctx[0].shape))
+    return self.heads.apply({'params': params['heads']}, hidden, emb, *ctx, method=method)
+
+  def _context(self, params, tokens, hidden, idx, ok):
+    """Context (hidden [G, B, K, D], emb [B, K, D]) at positions idx [B, K], zero where not
+    ok [B, K]; () for heads without context."""
+    if not self.heads.context:
+      return ()
+    mask = ok[..., None].astype(hidden.dtype)
+    return (gather(hidden, idx, axis=2) * mask,
+            self._emb(params, gather(tokens, idx, axis=1)) * mask)
 
   def block(self, params, tokens, hidden, n, k):
     """Drafts for positions n .. n+k-1 of each sample.
@@ -81,16 +96,22 @@ class HeadDrafter:
     # Horizontal: all k_h heads at the last committed position.
     src_h = gather(hidden, last[:, None], axis=2)[:, :, 0]        # [G, B, D]
     emb_h = self._emb(params, gather(tokens, last[:, None], axis=1)[:, 0])
-    hor = self._apply(params, self.heads.all_horizontal, src_h, emb_h)  # [G, B, kh, D]
     kh = self.heads.num_horizontal
+    above_h = last[:, None] + jnp.arange(1, kh + 1)[None] - grid_w  # above each target
+    ctx_h = self._context(params, tokens, hidden, above_h, above_h >= 0)
+    hor = self._apply(params, self.heads.all_horizontal, src_h, emb_h, ctx_h)  # [G, B, kh, D]
     hor = gather(hor, jnp.broadcast_to(jnp.minimum(dist, kh) - 1, pos.shape), axis=2)
     hor_ok = (dist <= kh) & ((last % grid_w)[:, None] + dist < grid_w)
     # Vertical: head 1 at the position above each drafted one.
     above = pos - grid_w
     src_v = gather(hidden, above, axis=2)                         # [G, B, k, D]
     emb_v = self._emb(params, gather(tokens, above, axis=1))
-    ver = self._apply(params, self.heads.first_vertical, src_v, emb_v)
-    ver_ok = (above >= 0) & (above <= last[:, None])
+    right = (above % grid_w) + 1 < grid_w                         # (y, x + 1) on the grid
+    ctx_v = self._context(params, tokens, hidden, above + 1, right)
+    ver = self._apply(params, self.heads.first_vertical, src_v, emb_v, ctx_v)
+    # The source must be committed, and with context its right neighbour too.
+    reach = last[:, None] - (self.heads.context & right)
+    ver_ok = (above >= 0) & (above <= reach)
     use_h = hor_ok & ((dist <= self.horizontal_first) | ~ver_ok)
     pred = jnp.where(use_h[None, ..., None], hor, ver)            # [G, B, k, D]
     valid = (hor_ok | ver_ok) & (pos < num_tokens)
@@ -102,5 +123,7 @@ class HeadDrafter:
     above = (y - 1)[:, None] * grid_w + jnp.arange(grid_w)[None]  # [B, W]
     src = gather(hidden, above, axis=2)
     emb = self._emb(params, gather(tokens, above, axis=1))
-    ver = self._apply(params, self.heads.first_vertical, src, emb)
+    ctx = self._context(params, tokens, hidden, above + 1,
+                        jnp.broadcast_to(jnp.arange(grid_w)[None] + 1 < grid_w, above.shape))
+    ver = self._apply(params, self.heads.first_vertical, src, emb, ctx)
     return self.target.draft_probs(params['ar'], ver)

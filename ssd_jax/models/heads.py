@@ -5,12 +5,33 @@ final pre-norm hidden state that predicts token (y, x) and e its token embedding
 horizontal head k predicts h(y, x + k) and the vertical head k predicts h(y + k, x):
 f(z) = W0 z + SwiGLU(RMSNorm(W0 z)). Token logits come from the backbone's own final norm
 and output layer, lm_head(final_norm(f(z))), so heads draft in hidden-state space.
+
+With `context`, each head also sees one committed position next to what it predicts,
+z = [h(y, x); e(y, x); h(c); e(c)] (zeros where c is off the grid), because images are
+correlated in 2D and the raster context alone misses it:
+  * horizontal head k: c = (y - 1, x + k), the position straight above its target;
+  * vertical head k: c = (y, x + 1), the upper-right context its target (y + k, x) saw.
+Both are committed whenever the head's source is (see decoding/drafts.py). `context_index`
+gives c for every source position, for training and decoding alike.
 """
+
+import numpy as np
 
 import flax.linen as nn
 import jax.numpy as jnp
 
 from ssd_jax.models import layers
+
+
+def context_index(grid, num_horizontal, num_vertical):
+  """-> (c [N, k_h + k_v] flat context position of each head at each source position,
+  valid [N, k_h + k_v]); c is clipped into the grid where not valid."""
+  h, w = grid
+  i = np.arange(h * w)
+  rows, cols = np.divmod(i, w)
+  idx = [i + k - w for k in range(1, num_horizontal + 1)] + [i + 1] * num_vertical
+  valid = [np.broadcast_to(rows >= 1, i.shape)] * num_horizontal + [cols + 1 < w] * num_vertical
+  return np.clip(np.stack(idx, 1), 0, h * w - 1), np.stack(valid, 1)
 
 
 class Head(nn.Module):
@@ -28,6 +49,7 @@ class NeighbourHeads(nn.Module):
   num_vertical: int = 1    # heads for (y+1, x), ..., (y+num_vertical, x)
   dim: int = 192           # backbone width
   mlp_dim: int = 256
+  context: bool = False    # heads also see one committed neighbour of their target
 
   def setup(self):
     self.horizontal = [Head(self.dim, self.mlp_dim, name=f'horizontal_{k + 1}')
@@ -35,18 +57,40 @@ class NeighbourHeads(nn.Module):
     self.vertical = [Head(self.dim, self.mlp_dim, name=f'vertical_{k + 1}')
                      for k in range(self.num_vertical)]
 
-  def __call__(self, hidden, token_emb):
-    """hidden, token_emb [..., D] -> (horizontal [..., k_h, D], vertical [..., k_v, D])."""
-    return self.all_horizontal(hidden, token_emb), self.all_vertical(hidden, token_emb)
+  def _z(self, hidden, token_emb, ctx_hidden, ctx_emb):
+    parts = [hidden, token_emb]
+    if self.context:
+      if ctx_hidden is None or ctx_emb is None:
+        raise ValueError('these heads were trained with context (context=True): pass the '
+                         'hidden state and token embedding of each head\'s context position.')
+      parts += [ctx_hidden, ctx_emb]
+    return jnp.concatenate(parts, -1)
 
-  def all_horizontal(self, hidden, token_emb):
-    z = jnp.concatenate([hidden, token_emb], -1)
-    return jnp.stack([head(z) for head in self.horizontal], axis=-2)
+  def __call__(self, hidden, token_emb, ctx_hidden=None, ctx_emb=None):
+    """hidden, token_emb [..., D] (ctx_* [..., k_h + k_v, D] with context, zeros where
+    not valid) -> (horizontal [..., k_h, D], vertical [..., k_v, D])."""
+    kh = self.num_horizontal
+    split = lambda c: (None, None) if c is None else (c[..., :kh, :], c[..., kh:, :])
+    (ch, cv), (eh, ev) = split(ctx_hidden), split(ctx_emb)
+    return (self.all_horizontal(hidden, token_emb, ch, eh),
+            self.all_vertical(hidden, token_emb, cv, ev))
 
-  def all_vertical(self, hidden, token_emb):
-    z = jnp.concatenate([hidden, token_emb], -1)
-    return jnp.stack([head(z) for head in self.vertical], axis=-2)
+  def all_horizontal(self, hidden, token_emb, ctx_hidden=None, ctx_emb=None):
+    """ctx_* [..., k_h, D]: head k's context is entry k - 1."""
+    return self._stack(self.horizontal, hidden, token_emb, ctx_hidden, ctx_emb)
 
-  def first_vertical(self, hidden, token_emb):
-    """The (y+1, x) head alone, [..., D] (decoding uses no other vertical head)."""
-    return self.vertical[0](jnp.concatenate([hidden, token_emb], -1))
+  def all_vertical(self, hidden, token_emb, ctx_hidden=None, ctx_emb=None):
+    """ctx_* [..., k_v, D]: head k's context is entry k - 1."""
+    return self._stack(self.vertical, hidden, token_emb, ctx_hidden, ctx_emb)
+
+  def _stack(self, heads, hidden, token_emb, ctx_hidden, ctx_emb):
+    out = []
+    for k, head in enumerate(heads):
+      pick = lambda c, k=k: None if c is None else c[..., k, :]
+      out.append(head(self._z(hidden, token_emb, pick(ctx_hidden), pick(ctx_emb))))
+    return jnp.stack(out, axis=-2)
+
+  def first_vertical(self, hidden, token_emb, ctx_hidden=None, ctx_emb=None):
+    """The (y+1, x) head alone, [..., D] (decoding uses no other vertical head); ctx_*
+    [..., D] the state and embedding at (y, x + 1)."""
+    return self.vertical[0](self._z(hidden, token_emb, ctx_hidden, ctx_emb))

@@ -3,15 +3,21 @@
 Targets come from one teacher-forced backbone pass over a data grid: hidden[:, i] is the
 pre-norm state that predicts token i, so for source position (y, x) the horizontal head k
 regresses hidden at (y, x + k) and the vertical head k hidden at (y + k, x) (Smooth-L1),
-plus optionally a cross-entropy towards the backbone's token distribution there.
+plus optionally a cross-entropy towards the backbone's token distribution there. Heads with
+`context` also get the state and embedding of one committed neighbour of their target
+(models/heads.py). `init_from` warm-starts from trained heads without context: the new
+input rows of W0 start at zero, so training begins exactly where those heads stand.
 """
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
 from ssd_jax import pretrained
+from ssd_jax import sharding
+from ssd_jax.models import heads as heads_lib
 from ssd_jax.training import ar_stage
 from ssd_jax.training import inputs as inputs_lib
 
@@ -41,7 +47,12 @@ def head_outputs(model, heads, backbone, head_params, tokens, labels):
   _, hidden = model.apply({'params': backbone}, tokens, labels)
   hidden = jax.lax.stop_gradient(hidden)
   emb = model.apply({'params': backbone}, tokens, method=model.embed_tokens)
-  hor, ver = heads.apply({'params': head_params}, hidden, emb)
+  ctx = ()
+  if heads.context:
+    idx, ok = heads_lib.context_index(model.grid, heads.num_horizontal, heads.num_vertical)
+    ok = jnp.asarray(ok)[None, ..., None]                                   # [1, N, K, 1]
+    ctx = (hidden[:, idx] * ok, emb[:, idx] * ok)                            # [B, N, K, D]
+  hor, ver = heads.apply({'params': head_params}, hidden, emb, *ctx)
   pred = jnp.concatenate([hor, ver], axis=2)
   target, valid = neighbour_targets(hidden, model.grid, heads)
   return pred, target, valid
@@ -54,14 +65,25 @@ def make_stage(config, workdir):
   model, backbone, ar_spec = pretrained.load_stage(ar_dir, 'ar')
   spec = dict(dim=model.dim, **config.heads.to_dict())
   ce_weight, null_fraction = spec.pop('ce_weight'), spec.pop('null_fraction')
+  init_from = spec.pop('init_from', '')
   heads = pretrained.heads_module({'heads': spec})
+  # Loaded here, not inside init_params (which runs under jit); checked against these heads'
+  # shapes now, so a mismatch is refused before any training.
+  trained = pretrained.load_stage(init_from, 'heads')[1] if init_from else None
   from ssd_jax.training import loop  # pylint: disable=g-import-not-at-top
+  if trained is not None:
+    loop.log(f'[heads] a fresh run starts from the heads in {init_from} (a checkpoint of '
+             'this run, if any, still wins)')
+    jax.eval_shape(lambda: warm_start(
+        jax.eval_shape(heads.init, jax.random.key(0),
+                       *pretrained.init_args('heads', heads))['params'], trained, init_from))
   inputs = inputs_lib.StageInputs(config, workdir, tokenizer, tok_spec, tok_params, model,
                                   log=loop.log)
   logits_fn = lambda p, h: model.apply({'params': p}, h, method=model.logits_from_hidden)
 
   def init_params(key):
-    return heads.init(key, jnp.zeros((1, model.dim)), jnp.zeros((1, model.dim)))['params']
+    params = heads.init(key, *pretrained.init_args('heads', heads))['params']
+    return params if trained is None else warm_start(params, trained, init_from)
 
   def loss_fn(params, frozen, batch, key, extra):
     del extra
@@ -120,3 +142,29 @@ def evaluate_heads(model, heads, backbone, head_params, grids, data, batch_size=
   agree, accept, count = sums
   return {name: {'top1_agreement': float(a / c), 'acceptance': float(p / c)}
           for name, a, p, c in zip(head_names(heads), agree, accept, count)}
+
+
+def warm_start(params, trained, heads_dir):
+  """`params` (boxed, as init makes them) with every tensor taken from `trained` (the heads
+  in heads_dir); W0 kernels that grew (context inputs) keep the trained rows and start at
+  zero in the new ones."""
+
+  def take(new, old):
+    if new.shape == old.shape:
+      return jnp.asarray(old, new.dtype)
+    if new.ndim == 2 and new.shape[1] == old.shape[1] and new.shape[0] > old.shape[0]:
+      return jnp.zeros_like(new).at[:old.shape[0]].set(old)
+    raise ValueError(f'--config.heads.init_from={heads_dir}: a tensor of shape {old.shape} '
+                     f'cannot start one of shape {new.shape}; the heads must match in count '
+                     'and width (only context inputs may be added).')
+
+  is_box = lambda x: isinstance(x, nn.meta.AxisMetadata)
+  try:
+    new = jax.tree.map(take, sharding.strip_boxes(params), trained)
+  except ValueError as e:
+    if 'init_from' in str(e):
+      raise
+    raise ValueError(f'--config.heads.init_from={heads_dir}: its heads do not match these '
+                     '(number of heads or layers); train from scratch instead.') from e
+  return jax.tree.map(lambda box, v: box.replace_boxed(v) if is_box(box) else v, params, new,
+                      is_leaf=is_box)

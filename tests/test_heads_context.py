@@ -1,0 +1,131 @@
+"""Neighbour heads with context (models/heads.py `context`): the positions training feeds
+them are the ones decoding feeds them, a warm start from heads without context changes
+nothing until it trains, and greedy decoding through them still equals AR."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import helpers  # pylint: disable=g-bad-import-order
+from ssd_jax.decoding import drafts
+from ssd_jax.decoding import sampling as sampling_lib
+from ssd_jax.decoding import target as target_lib
+from ssd_jax.models import heads as heads_lib
+from ssd_jax.training import heads_stage
+
+GRID = (4, 5)
+VOCAB = 16
+LABELS = np.array([0, 1, 2, 1], np.int32)
+
+
+@pytest.fixture(scope='module')
+def tiny():
+  return helpers.heads_bundle(VOCAB, GRID, context=True, seed=3)
+
+
+def test_context_index():
+  idx, ok = heads_lib.context_index((3, 4), num_horizontal=2, num_vertical=1)
+  # source (1, 1) = 5: horizontal 1 -> above (1, 2) = (0, 2) = 2; horizontal 2 -> (0, 3) = 3;
+  # vertical -> (1, 2) = 6.
+  assert idx[5].tolist() == [2, 3, 6] and ok[5].all()
+  assert not ok[2, :2].any() and ok[2, 2]          # row 0: nothing above
+  assert ok[7, :2].all() and not ok[7, 2]          # last column: no right neighbour
+
+
+def teacher_forced(bundle, tokens, labels):
+  """Hidden states [1, B, N, D] that predicted each token, and the heads' training-time
+  drafts q [B, N, K, V] (no CFG, temperature 1)."""
+  model, heads = bundle.model, bundle.stage('heads').module
+  params = bundle.stage('heads').params
+  pred, _, _ = heads_stage.head_outputs(model, heads, bundle.params, params,
+                                        jnp.asarray(tokens), jnp.asarray(labels))
+  _, hidden = model.apply({'params': bundle.params}, jnp.asarray(tokens), jnp.asarray(labels))
+  logits = model.apply({'params': bundle.params}, pred, method=model.logits_from_hidden)
+  return hidden[None], jax.nn.softmax(logits, -1)
+
+
+def test_decoding_feeds_what_training_fed(tiny):
+  """drafter.block / drafter.row give the draft distributions head_outputs trains on, at
+  every committed length and row: the context positions agree between the two."""
+  h, w = GRID
+  rng = np.random.default_rng(0)
+  tokens = rng.integers(0, VOCAB, (len(LABELS), h * w)).astype(np.int32)
+  hidden, q_train = teacher_forced(tiny, tokens, LABELS)
+  target = target_lib.Target(tiny.model, sampling_lib.Sampling(temperature=1.0, cfg_scale=1.0))
+  drafter = drafts.HeadDrafter(target, tiny.stage('heads').module, horizontal_first=2)
+  params = {'ar': tiny.params, 'heads': tiny.stage('heads').params}
+  for n in range(1, h * w):
+    q, valid = drafter.block(params, jnp.asarray(tokens), hidden,
+                             jnp.full((len(LABELS),), n), 4)
+    q, valid = np.asarray(q), np.asarray(valid)
+    last = n - 1
+    for d in range(1, 5):
+      pos = last + d
+      if not valid[0, d - 1]:
+        continue
+      above = pos - w
+      ver_ok = 0 <= above <= last - (above % w + 1 < w)  # (y, x + 1) committed too
+      if d <= 3 and pos // w == last // w and (d <= 2 or not ver_ok):
+        want = q_train[:, last, d - 1]                # horizontal head d at `last`
+      else:
+        assert ver_ok
+        want = q_train[:, above, 3]                   # the vertical head above
+      np.testing.assert_allclose(q[:, d - 1], want, atol=2e-5, err_msg=f'n={n} d={d}')
+  for y in range(1, h):
+    q = drafter.row(params, jnp.asarray(tokens), hidden, jnp.full((len(LABELS),), y))
+    np.testing.assert_allclose(q, q_train[:, (y - 1) * w:y * w, 3], atol=2e-5)
+
+
+def test_block_waits_for_the_right_neighbour(tiny):
+  """A vertical draft whose (y, x + 1) is not committed is not made."""
+  h, w = GRID
+  tokens = np.zeros((1, h * w), np.int32)
+  hidden = jnp.zeros((1, 1, h * w, tiny.model.dim))
+  target = target_lib.Target(tiny.model, sampling_lib.Sampling(temperature=1.0, cfg_scale=1.0))
+  drafter = drafts.HeadDrafter(target, tiny.stage('heads').module, horizontal_first=1)
+  params = {'ar': tiny.params, 'heads': tiny.stage('heads').params}
+  # n = w + 2: last committed (1, 1); draft d = 4 is (1, 5)->(2, 0) no: pick position
+  # (2, 1) = 2w + 1 whose above (1, 1) is `last`, and (1, 2) is not committed yet.
+  n = w + 2
+  k = (2 * w + 1) - n + 1
+  _, valid = drafter.block(params, jnp.asarray(tokens), hidden, jnp.array([n]), k)
+  assert not bool(valid[0, k - 1])
+  _, valid = drafter.block(params, jnp.asarray(tokens), hidden, jnp.array([n + 1]), k - 1)
+  assert bool(valid[0, k - 2])      # one more committed token: (1, 2) is there
+
+
+def test_warm_start_changes_nothing_until_trained():
+  """Context heads started from trained heads without context draft exactly as they do."""
+  plain = helpers.heads_bundle(VOCAB, GRID, seed=1)
+  stage = plain.stage('heads')
+  with_ctx = heads_lib.NeighbourHeads(num_horizontal=3, num_vertical=1, dim=stage.module.dim,
+                                      mlp_dim=32, context=True)
+  heads_dir = 'trained-heads'
+  init = helpers.init_params(with_ctx, jax.random.key(9),
+                             *heads_stage.pretrained.init_args('heads', with_ctx))
+  warm = heads_stage.warm_start(init, stage.params, str(heads_dir))
+  tokens = jnp.asarray(np.random.default_rng(1).integers(0, VOCAB, (2, GRID[0] * GRID[1])))
+  labels = jnp.asarray([0, 1])
+  want, _, _ = heads_stage.head_outputs(plain.model, stage.module, plain.params, stage.params,
+                                        tokens, labels)
+  got, _, _ = heads_stage.head_outputs(plain.model, with_ctx, plain.params, warm, tokens,
+                                       labels)
+  np.testing.assert_allclose(got, want, atol=1e-6)
+  other = heads_lib.NeighbourHeads(num_horizontal=2, num_vertical=1, dim=stage.module.dim,
+                                   mlp_dim=32, context=True)
+  with pytest.raises(ValueError, match='init_from'):
+    heads_stage.warm_start(helpers.init_params(
+        other, jax.random.key(0), *heads_stage.pretrained.init_args('heads', other)),
+                           stage.params, str(heads_dir))
+
+
+@pytest.mark.parametrize('method,options', [
+    ('speculative', {'draft_len': 4}), ('ssd', {'rounds': GRID[1] - 1})])
+def test_greedy_with_context_heads_equals_ar(tiny, method, options):
+  sampling = sampling_lib.Sampling(temperature=0.0, cfg_scale=2.0)
+  want, _ = helpers.decode(tiny, 'ar', sampling, LABELS)
+  got, stats = helpers.decode(tiny, method, sampling, LABELS, options=options)
+  helpers.assert_greedy_equal(tiny, got, want, LABELS, 2.0)
+  if method == 'speculative':
+    assert stats['target_passes'].max() < GRID[0] * GRID[1]  # drafts were accepted
