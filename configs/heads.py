@@ -33,7 +33,7 @@ def get_config(arg=None):
   config.heads.mlp_dim = 256  # SwiGLU width inside each head.
   config.heads.ce_weight = 0.5  # Weight of the cross-entropy towards the backbone's p.
   config.heads.null_fraction = 0.25  # Share of null-class grids (CFG drafts need them).
-  config.heads.context = False  # Heads also see one committed neighbour of their target.
+  config.heads.context = 0  # Committed positions next to its target each head also sees.
   config.heads.init_from = ''  # Heads stage to start from (context inputs start at zero).
 
   if arg == 'smoke':

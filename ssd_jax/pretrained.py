@@ -43,7 +43,9 @@ def transformer_module(spec):
 
 
 def heads_module(spec):
-  return heads_lib.NeighbourHeads(**spec['heads'])
+  kw = dict(spec['heads'])
+  kw['context'] = int(kw.get('context', 0))
+  return heads_lib.NeighbourHeads(**kw)
 
 
 def hawk_module(spec):
@@ -81,7 +83,8 @@ def init_args(stage, module):
     s = module.image_size
     return (jnp.zeros((1, s, s, module.image_channels), jnp.uint8),)
   # heads: a hidden state and token embedding (+ each head's context with `context`)
-  ctx = (jnp.zeros((1, module.num_horizontal + module.num_vertical, module.dim)),) * 2
+  k = module.num_horizontal + module.num_vertical
+  ctx = (jnp.zeros((1, k, module.context, module.dim)),) * 2
   return (jnp.zeros((1, module.dim)), jnp.zeros((1, module.dim))) + (ctx if module.context else ())
 
 

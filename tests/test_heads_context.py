@@ -21,16 +21,18 @@ LABELS = np.array([0, 1, 2, 1], np.int32)
 
 @pytest.fixture(scope='module')
 def tiny():
-  return helpers.heads_bundle(VOCAB, GRID, context=True, seed=3)
+  return helpers.heads_bundle(VOCAB, GRID, context=2, seed=3)
 
 
 def test_context_index():
-  idx, ok = heads_lib.context_index((3, 4), num_horizontal=2, num_vertical=1)
-  # source (1, 1) = 5: horizontal 1 -> above (1, 2) = (0, 2) = 2; horizontal 2 -> (0, 3) = 3;
-  # vertical -> (1, 2) = 6.
-  assert idx[5].tolist() == [2, 3, 6] and ok[5].all()
-  assert not ok[2, :2].any() and ok[2, 2]          # row 0: nothing above
-  assert ok[7, :2].all() and not ok[7, 2]          # last column: no right neighbour
+  idx, ok = heads_lib.context_index((3, 4), num_horizontal=2, num_vertical=1, context=2)
+  # source (1, 1) = 5: horizontal 1 -> (0, 2), (0, 3) = 2, 3; horizontal 2 -> (0, 3) and
+  # (0, 4) off the grid; vertical -> (1, 2), (1, 3) = 6, 7.
+  assert idx[5, 0].tolist() == [2, 3] and ok[5, 0].all()
+  assert idx[5, 1, 0] == 3 and ok[5, 1].tolist() == [True, False]
+  assert idx[5, 2].tolist() == [6, 7] and ok[5, 2].all()
+  assert not ok[2, :2].any() and ok[2, 2].tolist() == [True, False]  # row 0: nothing above
+  assert not ok[7, 2].any()                        # last column: nothing to its right
 
 
 def teacher_forced(bundle, tokens, labels):
@@ -65,7 +67,8 @@ def test_decoding_feeds_what_training_fed(tiny):
       if not valid[0, d - 1]:
         continue
       above = pos - w
-      ver_ok = 0 <= above <= last - (above % w + 1 < w)  # (y, x + 1) committed too
+      right = min(2, w - 1 - above % w)               # context positions on the grid
+      ver_ok = 0 <= above and above + right <= last   # ... all committed
       if d <= 3 and pos // w == last // w and (d <= 2 or not ver_ok):
         want = q_train[:, last, d - 1]                # horizontal head d at `last`
       else:
@@ -78,21 +81,20 @@ def test_decoding_feeds_what_training_fed(tiny):
 
 
 def test_block_waits_for_the_right_neighbour(tiny):
-  """A vertical draft whose (y, x + 1) is not committed is not made."""
+  """A vertical draft whose context (y, x + 1), (y, x + 2) is not all committed is not
+  made."""
   h, w = GRID
   tokens = np.zeros((1, h * w), np.int32)
   hidden = jnp.zeros((1, 1, h * w, tiny.model.dim))
   target = target_lib.Target(tiny.model, sampling_lib.Sampling(temperature=1.0, cfg_scale=1.0))
   drafter = drafts.HeadDrafter(target, tiny.stage('heads').module, horizontal_first=1)
   params = {'ar': tiny.params, 'heads': tiny.stage('heads').params}
-  # n = w + 2: last committed (1, 1); draft d = 4 is (1, 5)->(2, 0) no: pick position
-  # (2, 1) = 2w + 1 whose above (1, 1) is `last`, and (1, 2) is not committed yet.
-  n = w + 2
-  k = (2 * w + 1) - n + 1
-  _, valid = drafter.block(params, jnp.asarray(tokens), hidden, jnp.array([n]), k)
-  assert not bool(valid[0, k - 1])
-  _, valid = drafter.block(params, jnp.asarray(tokens), hidden, jnp.array([n + 1]), k - 1)
-  assert bool(valid[0, k - 2])      # one more committed token: (1, 2) is there
+  # Position (2, 1) = 2w + 1 is drafted from (1, 1) with context (1, 2), (1, 3).
+  target_pos = 2 * w + 1
+  for n, want in ((w + 2, False), (w + 3, False), (w + 4, True)):  # last = (1, 1) .. (1, 3)
+    k = target_pos - n + 1
+    _, valid = drafter.block(params, jnp.asarray(tokens), hidden, jnp.array([n]), k)
+    assert bool(valid[0, k - 1]) == want, n
 
 
 def test_warm_start_changes_nothing_until_trained():
@@ -100,7 +102,7 @@ def test_warm_start_changes_nothing_until_trained():
   plain = helpers.heads_bundle(VOCAB, GRID, seed=1)
   stage = plain.stage('heads')
   with_ctx = heads_lib.NeighbourHeads(num_horizontal=3, num_vertical=1, dim=stage.module.dim,
-                                      mlp_dim=32, context=True)
+                                      mlp_dim=32, context=2)
   heads_dir = 'trained-heads'
   init = helpers.init_params(with_ctx, jax.random.key(9),
                              *heads_stage.pretrained.init_args('heads', with_ctx))
@@ -113,7 +115,7 @@ def test_warm_start_changes_nothing_until_trained():
                                        labels)
   np.testing.assert_allclose(got, want, atol=1e-6)
   other = heads_lib.NeighbourHeads(num_horizontal=2, num_vertical=1, dim=stage.module.dim,
-                                   mlp_dim=32, context=True)
+                                   mlp_dim=32, context=1)
   with pytest.raises(ValueError, match='init_from'):
     heads_stage.warm_start(helpers.init_params(
         other, jax.random.key(0), *heads_stage.pretrained.init_args('heads', other)),

@@ -281,7 +281,7 @@ def test_context_heads_start_from_trained_heads(runs, tmp_path):
                 ar_dir=os.path.join(runs['workdir'], 'ar'), num_steps=2, log_every=1,
                 checkpoint_every=2, learning_rate=1e-2)
   config = smoke_config(runs['root'], 'heads', **common, **{
-      'heads.context': True, 'heads.init_from': heads_dir})
+      'heads.context': 2, 'heads.init_from': heads_dir})
   loop.train(config, workdir, without_evaluation(heads_stage.make_stage(config, workdir)))
   first = read_metrics(os.path.join(workdir, 'heads'))[0]
   plain = smoke_config(runs['root'], 'heads', **common, **{'heads.init_from': heads_dir})
@@ -290,7 +290,7 @@ def test_context_heads_start_from_trained_heads(runs, tmp_path):
   assert first['loss'] == pytest.approx(read_metrics(os.path.join(plain_dir, 'heads'))[0]['loss'],
                                         rel=1e-5)
   spec = checkpoint.load_json(os.path.join(workdir, 'heads', 'model.json'))['heads']
-  assert spec['context'] and 'init_from' not in spec
+  assert spec['context'] == 2 and 'init_from' not in spec
   wrong = smoke_config(runs['root'], 'heads', **common, **{
       'heads.init_from': heads_dir, 'heads.num_horizontal': 2})
   with pytest.raises(ValueError, match='init_from'):

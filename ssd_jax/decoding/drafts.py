@@ -4,9 +4,9 @@ h(i) below is the target's hidden state that predicted token i (kept per committ
 position in the decode state). A draft for position j comes either from the horizontal
 head d = j - (n - 1) at the last committed position n - 1 (same row only), or from the
 vertical head 1 at the position straight above, j - W (when that one is committed).
-Heads with context also get the state and embedding of one committed neighbour of their
-target (models/heads.py): (y - 1, x + k) for horizontal head k, (y, x + 1) for the
-vertical head; a vertical draft whose (y, x + 1) is not committed yet is not made.
+Heads with context C also get the states and embeddings of C committed positions next to
+their target (models/heads.py): (y - 1, x + k ...) for horizontal head k, (y, x + 1 ...)
+for the vertical head; a vertical draft whose context is not all committed is not made.
 Draft distributions go through the target's own CFG and sampling processing.
 """
 
@@ -74,13 +74,16 @@ class HeadDrafter:
     return self.heads.apply({'params': params['heads']}, hidden, emb, *ctx, method=method)
 
   def _context(self, params, tokens, hidden, idx, ok):
-    """Context (hidden [G, B, K, D], emb [B, K, D]) at positions idx [B, K], zero where not
-    ok [B, K]; () for heads without context."""
+    """Context (hidden [G, B, K, C, D], emb [B, K, C, D]) at positions idx [B, K, C], zero
+    where not ok [B, K, C]; () for heads without context."""
     if not self.heads.context:
       return ()
+    b = idx.shape[0]
     mask = ok[..., None].astype(hidden.dtype)
-    return (gather(hidden, idx, axis=2) * mask,
-            self._emb(params, gather(tokens, idx, axis=1)) * mask)
+    flat = idx.reshape(b, -1)
+    ctx_h = gather(hidden, flat, axis=2).reshape(hidden.shape[:2] + idx.shape[1:] + (-1,))
+    ctx_e = self._emb(params, gather(tokens, flat, axis=1)).reshape(idx.shape + (-1,))
+    return ctx_h * mask, ctx_e * mask
 
   def block(self, params, tokens, hidden, n, k):
     """Drafts for positions n .. n+k-1 of each sample.
@@ -97,8 +100,11 @@ class HeadDrafter:
     src_h = gather(hidden, last[:, None], axis=2)[:, :, 0]        # [G, B, D]
     emb_h = self._emb(params, gather(tokens, last[:, None], axis=1)[:, 0])
     kh = self.heads.num_horizontal
-    above_h = last[:, None] + jnp.arange(1, kh + 1)[None] - grid_w  # above each target
-    ctx_h = self._context(params, tokens, hidden, above_h, above_h >= 0)
+    c = jnp.arange(self.heads.context)[None, None]                  # [1, 1, C]
+    ahead = jnp.arange(1, kh + 1)[None, :, None] + c                # [1, kh, C] k + j
+    above_h = last[:, None, None] - grid_w + ahead                  # [B, kh, C] row above
+    ctx_ok = (last[:, None, None] >= grid_w) & ((last % grid_w)[:, None, None] + ahead < grid_w)
+    ctx_h = self._context(params, tokens, hidden, above_h, ctx_ok)
     hor = self._apply(params, self.heads.all_horizontal, src_h, emb_h, ctx_h)  # [G, B, kh, D]
     hor = gather(hor, jnp.broadcast_to(jnp.minimum(dist, kh) - 1, pos.shape), axis=2)
     hor_ok = (dist <= kh) & ((last % grid_w)[:, None] + dist < grid_w)
@@ -106,12 +112,11 @@ class HeadDrafter:
     above = pos - grid_w
     src_v = gather(hidden, above, axis=2)                         # [G, B, k, D]
     emb_v = self._emb(params, gather(tokens, above, axis=1))
-    right = (above % grid_w) + 1 < grid_w                         # (y, x + 1) on the grid
-    ctx_v = self._context(params, tokens, hidden, above + 1, right)
+    right = (above % grid_w)[..., None] + 1 + c < grid_w          # [B, k, C] on the grid
+    ctx_v = self._context(params, tokens, hidden, above[..., None] + 1 + c, right)
     ver = self._apply(params, self.heads.first_vertical, src_v, emb_v, ctx_v)
-    # The source must be committed, and with context its right neighbour too.
-    reach = last[:, None] - (self.heads.context & right)
-    ver_ok = (above >= 0) & (above <= reach)
+    # The source must be committed, and with context the positions right of it too.
+    ver_ok = (above >= 0) & (above + jnp.sum(right, -1) <= last[:, None])
     use_h = hor_ok & ((dist <= self.horizontal_first) | ~ver_ok)
     pred = jnp.where(use_h[None, ..., None], hor, ver)            # [G, B, k, D]
     valid = (hor_ok | ver_ok) & (pos < num_tokens)
@@ -123,7 +128,9 @@ class HeadDrafter:
     above = (y - 1)[:, None] * grid_w + jnp.arange(grid_w)[None]  # [B, W]
     src = gather(hidden, above, axis=2)
     emb = self._emb(params, gather(tokens, above, axis=1))
-    ctx = self._context(params, tokens, hidden, above + 1,
-                        jnp.broadcast_to(jnp.arange(grid_w)[None] + 1 < grid_w, above.shape))
+    ahead = 1 + jnp.arange(self.heads.context)                    # [C]
+    on_grid = jnp.arange(grid_w)[:, None] + ahead < grid_w        # [W, C]
+    ctx = self._context(params, tokens, hidden, above[..., None] + ahead,
+                        jnp.broadcast_to(on_grid, above.shape + ahead.shape))
     ver = self._apply(params, self.heads.first_vertical, src, emb, ctx)
     return self.target.draft_probs(params['ar'], ver)

@@ -4,7 +4,7 @@ Targets come from one teacher-forced backbone pass over a data grid: hidden[:, i
 pre-norm state that predicts token i, so for source position (y, x) the horizontal head k
 regresses hidden at (y, x + k) and the vertical head k hidden at (y + k, x) (Smooth-L1),
 plus optionally a cross-entropy towards the backbone's token distribution there. Heads with
-`context` also get the state and embedding of one committed neighbour of their target
+`context` also get the states and embeddings of committed positions next to their target
 (models/heads.py). `init_from` warm-starts from trained heads without context: the new
 input rows of W0 start at zero, so training begins exactly where those heads stand.
 """
@@ -49,9 +49,10 @@ def head_outputs(model, heads, backbone, head_params, tokens, labels):
   emb = model.apply({'params': backbone}, tokens, method=model.embed_tokens)
   ctx = ()
   if heads.context:
-    idx, ok = heads_lib.context_index(model.grid, heads.num_horizontal, heads.num_vertical)
-    ok = jnp.asarray(ok)[None, ..., None]                                   # [1, N, K, 1]
-    ctx = (hidden[:, idx] * ok, emb[:, idx] * ok)                            # [B, N, K, D]
+    idx, ok = heads_lib.context_index(model.grid, heads.num_horizontal, heads.num_vertical,
+                                      heads.context)
+    ok = jnp.asarray(ok)[None, ..., None]                                # [1, N, K, C, 1]
+    ctx = (hidden[:, idx] * ok, emb[:, idx] * ok)                         # [B, N, K, C, D]
   hor, ver = heads.apply({'params': head_params}, hidden, emb, *ctx)
   pred = jnp.concatenate([hor, ver], axis=2)
   target, valid = neighbour_targets(hidden, model.grid, heads)
