@@ -21,8 +21,8 @@ CONFIG_PATHS = sorted(glob.glob(os.path.join(REPO, 'configs', '*.py'))
 CONFIG_FILES = sorted(
     os.path.relpath(path, os.path.join(REPO, 'configs'))[:-3].replace(os.sep, '.')
     for path in CONFIG_PATHS if os.path.basename(path) not in ('__init__.py', 'common.py'))
-# bench.py's configs are no training stage.
-STAGE_CONFIGS = [name for name in CONFIG_FILES if name not in ('bench', 'speed')]
+# bench.py's configs (bench, speed, mulo_tune) are no training stage.
+STAGE_CONFIGS = [name for name in CONFIG_FILES if name not in ('bench', 'speed', 'mulo_tune')]
 
 
 def _leaves(config, prefix=''):
@@ -101,3 +101,13 @@ def test_train_py_refuses_unknown_override(tmp_path):
   assert result.returncode != 0
   assert 'no_such_key' in result.stderr
   assert not workdir.exists()  # refused before anything ran
+
+
+def test_mulo_is_tuned_on_other_seeds_than_the_reported_ones():
+  """configs/mulo_tune.py picks MuLo's defaults; its seeds (and noise seeds) must not be the
+  ones docs/results.md reports from configs/bench.py."""
+  tune = importlib.import_module('configs.mulo_tune').get_config()
+  bench = importlib.import_module('configs.bench').get_config()
+  seeds = lambda c: {c.seed, c.seed + 1 if c.noise_seed < 0 else c.noise_seed}
+  assert not seeds(tune) & seeds(bench)
+  assert tune.settings and all(method == 'mulo' for method, _ in tune.settings)
