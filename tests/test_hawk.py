@@ -1,12 +1,13 @@
 """Hawk (issue 9): the 2D draft model, the `hawk_draft` stage and the lossless `hawk` method.
 
 Properties, on tiny random models: the drafter's decoding path (gathered windows) computes
-what training computes (dense window masks) and sees nothing outside its window; the tree
-mask lets every node see exactly its ancestors, and the accepted path's keys/values land
-at their canonical slots; greedy hawk is greedy AR token for token; sampled hawk has the
-target's exact distribution (enumerated over every grid of a 2x3, 4-token model: every
-check of helpers.distribution_report passes), and a broken multi-draft rule fails one of
-them; the stage lowers its loss and resumes.
+what training computes (dense window masks) and sees nothing outside its window; the
+chain, carrying only its own drafts, sees them as if committed (past the grid's end too);
+the tree mask lets every node see exactly its ancestors, and the accepted path's
+keys/values land at their canonical slots; greedy hawk is greedy AR token for token;
+sampled hawk has the target's exact distribution (enumerated over every grid of a 2x3,
+4-token model: every check of helpers.distribution_report passes), and a broken
+multi-draft rule fails one of them; the stage lowers its loss and resumes.
 """
 
 import dataclasses
@@ -24,8 +25,10 @@ from ssd_jax import sharding
 from ssd_jax.data import pipeline
 from ssd_jax.decoding import acceptance
 from ssd_jax.decoding import engine
+from ssd_jax.decoding import keys as keys_lib
 from ssd_jax.decoding import registry
 from ssd_jax.decoding import sampling as sampling_lib
+from ssd_jax.decoding import state as state_lib
 from ssd_jax.decoding import target as target_lib
 from ssd_jax.decoding.methods import hawk
 from ssd_jax.models import hawk as hawk_model
@@ -102,6 +105,38 @@ def test_drafter_decoding_path_equals_training_path_and_stays_in_its_window(tiny
     again = apply(noisy, emb, method=drafter.vertical if vertical else drafter.horizontal)
     np.testing.assert_allclose(again[:, j], want[:, j], atol=1e-5)
     assert not np.allclose(again, want)
+
+
+def test_chain_sees_its_drafts_as_if_committed(tiny):
+  """The chain carries only its own drafts; each step must still see the earlier ones
+  exactly as if written into the buffers at n, n+1, ... (dropped past the grid's end),
+  the buffers' other entries, stale ones included, as they are."""
+  drafter, grid, b, k = tiny.stage('hawk_draft').module, tiny.model.grid, 6, 4
+  n_tok = grid[0] * grid[1]
+  keys = jax.random.split(jax.random.key(1), 3)
+  # A full-strength correction, so each draft depends on its window and not only its source.
+  out = {'kernel': jax.random.normal(keys[0], (16, drafter.dim))}
+  params = {'ar': tiny.params, 'hawk_draft': dict(tiny.stage('hawk_draft').params, out=out)}
+  target = target_lib.Target(tiny.model, Sampling(temperature=1.0, cfg_scale=3.0))
+  decoder = hawk.HawkDecoder(target, drafter, k)
+  image_keys = engine.image_keys(0, 0, b)
+  s = state_lib.start(target, params['ar'], LABELS[:b], image_keys)
+  # Random buffers everywhere (stale entries past the length too); chains that start
+  # mid-grid, end exactly at the grid's end, run past it, and a finished sample.
+  s = s.replace(tokens=jax.random.randint(keys[1], s.tokens.shape, 0, 16),
+                hidden=jax.random.normal(keys[2], s.hidden.shape),
+                length=jnp.array([1, 7, 16, 18, 19, n_tok]), passes=jnp.int32(5))
+  tokens, qs = decoder._chain(params, image_keys, s)                      # [B, K], [B, K, V]
+  bidx, ref = jnp.arange(b), s
+  for d in range(k):
+    pos = s.length + d
+    pred, q = decoder._draft(params, ref, pos[:, None], pos[:, None] - 1, vertical=False)
+    np.testing.assert_allclose(qs[:, d], q[:, 0], atol=1e-6)
+    tok = target.sample(keys_lib.pass_keys(image_keys, s.passes, keys_lib.Stream.CHAIN, d),
+                        q[:, 0])
+    np.testing.assert_array_equal(tokens[:, d], tok)
+    ref = ref.replace(tokens=ref.tokens.at[bidx, pos].set(tok, mode='drop'),
+                      hidden=ref.hidden.at[:, bidx, pos].set(pred[:, :, 0], mode='drop'))
 
 
 # --- the tree ----------------------------------------------------------------------------

@@ -96,37 +96,58 @@ class HawkDecoder:
     self.parent, self.depth, self.vertical, self.h_child, self.v_child = tree(k)
     self.mask = jnp.asarray(ancestor_mask(self.parent))
 
-  def _draft(self, params, tokens, hidden, pos, src, vertical):
-    """Drafter at positions pos [B, Q] from buffers tokens [B, N], hidden [G, B, N, D]
-    -> (predicted hidden [G, B, Q, D], q [B, Q, V])."""
+  def _draft(self, params, s, pos, src, vertical, chain=None):
+    """Drafter at positions pos [B, Q], sources src [B, Q], from the committed buffers
+    s.tokens [B, N], s.hidden [G, B, N, D] -> (predicted hidden [G, B, Q, D], q [B, Q, V]).
+
+    chain: (tokens [B, K], hidden [G, B, K, D], d): the horizontal chain's first d drafts,
+    read in place of the buffers at positions n .. n+d-1, as if committed there.
+    """
     b, q = pos.shape
     idx, _ = hawk_model.window_positions(pos, self.drafter.grid, self.drafter.offsets,
                                          vertical)
+    # One read for the window and the sources: [B, Q*K + Q].
+    tokens, hidden = self._read(s, jnp.concatenate([idx.reshape(b, -1), src], 1), chain)
     embed = lambda t: self.target.embed(params['ar'], jnp.maximum(t, 0))
-    flat = idx.reshape(b, -1)
-    win_hidden = gather(hidden, flat, axis=2).reshape(hidden.shape[:2] + idx.shape[1:] + (-1,))
-    win_emb = embed(gather(tokens, flat, axis=1)).reshape(idx.shape + (-1,))
-    src_emb = embed(gather(tokens, src, axis=1))
-    pred = self.drafter.apply({'params': params['hawk_draft']}, gather(hidden, src, axis=2),
-                              src_emb, win_hidden, win_emb, pos, vertical,
+    win_hidden = hidden[:, :, :-q].reshape(hidden.shape[:2] + idx.shape[1:] + (-1,))
+    win_emb = embed(tokens[:, :-q]).reshape(idx.shape + (-1,))
+    pred = self.drafter.apply({'params': params['hawk_draft']}, hidden[:, :, -q:],
+                              embed(tokens[:, -q:]), win_hidden, win_emb, pos, vertical,
                               method=self.drafter.draft)
     return pred, self.target.draft_probs(params['ar'], pred)
 
+  def _read(self, s, idx, chain):
+    """Tokens [B, M] and hidden [G, B, M, D] at positions idx [B, M], clipped to the grid
+    as `gather` clips: the committed buffers', or the chain's where it has drafted."""
+    tokens, hidden = gather(s.tokens, idx, axis=1), gather(s.hidden, idx, axis=2)
+    if chain is None:
+      return tokens, hidden
+    chain_tokens, chain_hidden, d = chain
+    # Past the grid's end a chain step has no slot; its position clips to the last one,
+    # which the chain drafted itself (j < d) by then, as when the buffer took each step.
+    j = jnp.clip(idx, 0, s.tokens.shape[1] - 1) - s.length[:, None]      # [B, M]
+    own = (j >= 0) & (j < d)
+    j = jnp.clip(j, 0, chain_tokens.shape[1] - 1)
+    tokens = jnp.where(own, gather(chain_tokens, j, axis=1), tokens)
+    hidden = jnp.where(own[..., None], gather(chain_hidden, j, axis=2), hidden)
+    return tokens, hidden
+
   def _chain(self, params, keys, s):
     """The horizontal chain: tokens [B, K] drawn from q [B, K, V]."""
-    bidx = jnp.arange(s.length.shape[0])
 
     def step(carry, d):
-      tokens, hidden = carry
+      tokens, hidden = carry  # the chain's drafts so far: [B, K], [G, B, K, D]
       pos = s.length + d
-      pred, q = self._draft(params, tokens, hidden, pos[:, None], pos[:, None] - 1,
-                            vertical=False)
+      pred, q = self._draft(params, s, pos[:, None], pos[:, None] - 1, vertical=False,
+                            chain=(tokens, hidden, d))
       tok = self.target.sample(keys_lib.pass_keys(keys, s.passes, Stream.CHAIN, d), q[:, 0])
-      # Later steps see this step's draft as committed (dropped past the grid's end).
-      hidden = hidden.at[:, bidx, pos].set(pred[:, :, 0], mode='drop')
-      return (tokens.at[bidx, pos].set(tok, mode='drop'), hidden), (tok, q[:, 0])
+      return (tokens.at[:, d].set(tok), hidden.at[:, :, d].set(pred[:, :, 0])), (tok, q[:, 0])
 
-    _, (drafted, qs) = jax.lax.scan(step, (s.tokens, s.hidden), jnp.arange(self.k))
+    b, (g, _, _, dim) = s.length.shape[0], s.hidden.shape
+    # Only the chain's own K entries are carried, not the [G, B, N, D] buffer that every
+    # step would copy to place one draft in it.
+    init = (jnp.zeros((b, self.k), jnp.int32), jnp.zeros((g, b, self.k, dim), s.hidden.dtype))
+    _, (drafted, qs) = jax.lax.scan(step, init, jnp.arange(self.k))
     return drafted.T, jnp.swapaxes(qs, 0, 1)
 
   def _update_row(self, params, s, active):
@@ -138,7 +159,7 @@ class HawkDecoder:
 
     def compute():
       pos = jnp.maximum(row, 1)[:, None] * w + jnp.arange(w)[None]       # [B, W]
-      return self._draft(params, s.tokens, s.hidden, pos, pos - w, vertical=True)[1]
+      return self._draft(params, s, pos, pos - w, vertical=True)[1]
 
     row_q = jax.lax.cond(jnp.any(need), compute, lambda: s.extra['row_q'])
     return s.replace(extra=dict(
