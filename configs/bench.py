@@ -14,7 +14,8 @@ small config that imports this one and changes `settings`. Plain AR always runs 
 Images: `num_images` for AR (both seeds) and every method, but `num_images_by_method` for
 the methods it lists (the slow ones: 256). A setting with n images is compared with AR's
 first n images, against the noise level at n (AR vs AR over the first n); `fid.bootstrap`
-resamples give each of them an interval, so a real fidelity loss shows apart from noise.
+resamples give each of them an interval (the noise level's: random splits of the pooled AR
+images; a setting's: a bootstrap), so a real fidelity loss shows apart from noise.
 """
 
 import ml_collections
@@ -73,8 +74,8 @@ def get_config(arg=''):
   config.fid.idx_dir = ''  # Fashion-MNIST IDX folder; '' = Debian's package location.
   config.fid.split = 'test'  # Split of the real images.
   config.fid.num_real = 10000  # Real images for FID, at most.
-  config.fid.bootstrap = 200  # Bootstrap resamples behind each FID-vs-AR interval; 0 = none.
-  config.fid.interval = 0.9  # Probability mass of those intervals (percentile bootstrap).
+  config.fid.bootstrap = 200  # Resamples behind each FID interval (noise, rows); 0 = none.
+  config.fid.interval = 0.9  # Probability mass of those intervals (central percentiles).
 
   config.mesh = ml_collections.ConfigDict()
   config.mesh.data = -1  # Devices on the 'data' axis (-1: all).

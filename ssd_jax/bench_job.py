@@ -8,7 +8,9 @@ A setting whose FID against AR is at that level is statistically indistinguishab
 
 A method listed in config.num_images_by_method makes fewer images (n): it is compared with
 AR's first n images, which are the images an n-image AR run makes, against the noise level
-over the first n of both AR runs. Bootstrap intervals on both tell a loss from noise.
+over the first n of both AR runs. Intervals tell a loss from noise: the noise level's is
+the spread of FID between two n-image AR samples (random splits of the two AR runs'
+pooled first n images), a setting's a bootstrap interval around its FID vs AR.
 """
 
 import dataclasses
@@ -88,9 +90,9 @@ def against_ar(feats, counts, resamples, level, seed):
 
   feats: [N_i, F] per setting, AR at the seed first and at the noise seed second (both at
   the largest count); counts: the N_i. Setting i is compared with AR's first N_i images;
-  the noise level at n is FID(AR other seed[:n], AR[:n]). Intervals (fid.bootstrap_interval,
-  the same `seed` for all, so equal counts share their resamples) are None when resamples
-  is 0. Returns (a dict per setting, {n: {'fid': ..., 'interval': [lo, hi]}}).
+  the noise level at n is FID(AR other seed[:n], AR[:n]). Intervals (the noise level's:
+  fid.null_interval; a setting's: fid.bootstrap_interval; the same `seed` for all) are None
+  when resamples is 0. Returns (a dict per setting, {n: {'fid': ..., 'interval': [lo, hi]}}).
   """
   base, other = feats[0], feats[1]
 
@@ -99,8 +101,12 @@ def against_ar(feats, counts, resamples, level, seed):
                 if resamples else None)
     return fid_lib.fid(x, base[:n]), interval
 
-  noise = {n: dict(zip(('fid', 'interval'), compare(other[:n], n)))
-           for n in sorted(set(counts), reverse=True)}
+  def noise_at(n):
+    interval = (list(fid_lib.null_interval(other[:n], base[:n], resamples, level, seed))
+                if resamples else None)
+    return {'fid': fid_lib.fid(other[:n], base[:n]), 'interval': interval}
+
+  noise = {n: noise_at(n) for n in sorted(set(counts), reverse=True)}
   out = []
   for i, (x, n) in enumerate(zip(feats, counts)):
     if i == 0:

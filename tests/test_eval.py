@@ -58,8 +58,26 @@ def test_bootstrap_interval_is_reproducible_and_separates_a_shift():
   assert fid_lib.bootstrap_interval(a, b, 50, 0.5, seed=0)[1] <= same[1]  # narrower
   apart = fid_lib.bootstrap_interval(a, shifted, 50, 0.9, seed=0)
   assert apart[0] > same[1]  # 4 * 0.5^2 = 1 apart, far beyond the noise of 300 samples
+  # Centred on the measured value (the resampling bias removed), at high dimension too,
+  # where raw resamples sit far above it.
+  wide_a, wide_b = rng.normal(size=(100, 32)), rng.normal(size=(100, 32))
+  lo, hi = fid_lib.bootstrap_interval(wide_a, wide_b, 50, 0.9, seed=0)
+  assert lo <= fid_lib.fid(wide_a, wide_b) <= hi
   with pytest.raises(ValueError, match='resamples'):
     fid_lib.bootstrap_interval(a, b, 0, 0.9)
+
+
+def test_null_interval_is_the_spread_of_fid_between_two_samples_of_one_distribution():
+  rng = np.random.default_rng(6)
+  draw = lambda loc=0.0: rng.normal(loc=loc, size=(200, 8))
+  lo, hi = fid_lib.null_interval(draw(), draw(), 100, 0.9, seed=0)
+  assert lo <= hi and fid_lib.null_interval(draw(), draw(), 100, 0.9, seed=0) != (lo, hi)
+  # Fresh pairs of one distribution mostly land inside; a shifted one lands above.
+  inside = np.mean([lo <= fid_lib.fid(draw(), draw()) <= hi for _ in range(40)])
+  assert inside >= 0.7
+  assert fid_lib.fid(draw(), draw(0.5)) > hi
+  with pytest.raises(ValueError, match='equal size'):
+    fid_lib.null_interval(draw(), draw()[:10], 10)
 
 
 def test_each_setting_is_compared_with_the_first_n_ar_images():
@@ -72,6 +90,7 @@ def test_each_setting_is_compared_with_the_first_n_ar_images():
   assert rows[3]['fid_ar'] == fid_lib.fid(small, ar[:5])
   assert rows[3]['noise_fid'] == noise[5]['fid'] and rows[2]['noise_fid'] == noise[12]['fid']
   assert rows[3]['fid_ar_interval'] == list(fid_lib.bootstrap_interval(small, ar[:5], 10, 0.9))
+  assert noise[5]['interval'] == list(fid_lib.null_interval(other[:5], ar[:5], 10, 0.9))
   assert rows[1]['fid_ar'] == noise[12]['fid'] and rows[1]['fid_ar_over_noise'] == 1.0
   assert rows[0]['fid_ar'] is None and rows[0]['fid_ar_interval'] is None
   assert [r['num_images'] for r in rows] == [12, 12, 12, 5]
@@ -216,7 +235,7 @@ def test_bench_end_to_end_writes_table_json_and_plot(smoke_run, tmp_path):
   table = open(os.path.join(out_dir, 'results.md')).read()
   assert 'python bench.py --smoke' in table and '| ssd rounds=0 |' in table
   assert 'noise level' in table and '| images |' in table and '(90% interval)' in table
-  assert 'over 20 resamples' in table
+  assert '20 resamples' in table
   assert 'at 4 images' in bench_job.summary_line(summary, out_dir)
 
 

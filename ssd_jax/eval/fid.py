@@ -56,23 +56,56 @@ def fid(features_a, features_b):
   return frechet_distance(*stats_a, *stats_b)
 
 
+def _interval(values, level):
+  tail = 50.0 * (1.0 - level)
+  lo, hi = np.percentile(values, [tail, 100.0 - tail])
+  return float(lo), float(hi)
+
+
+def _check(resamples, level):
+  if resamples < 1 or not 0 < level < 1:
+    raise ValueError(f'FID intervals: need resamples >= 1 and 0 < level < 1, got '
+                     f'{resamples} and {level}.')
+
+
 def bootstrap_interval(features_a, features_b, resamples, level=0.9, seed=0):
-  """(lo, hi): the central `level` percentile interval of FID over bootstrap resamples.
+  """(lo, hi): a `level` bootstrap interval of fid(features_a, features_b), centred on it.
 
   Each resample draws both sets with replacement, independently, as many rows as each has.
-  A resample holds only ~63% distinct rows, so its FID carries more sampling noise and sits
-  a little above fid(features_a, features_b): the interval is biased upward and need not
-  contain the point value. Compare it with an interval computed the same way (bench.py:
-  the AR-vs-AR noise interval at the same number of images), not with a point value.
-  The same `seed` gives the same interval.
+  A resample holds only ~63% distinct rows, which inflates FID (at 256 images of 128
+  features by about the FID itself), so the raw percentile interval would not even contain
+  the point value; the interval is shifted by that bias (the resamples' median minus the
+  point value): it shows the spread, around the value measured. The same seed gives the
+  same interval.
   """
-  if resamples < 1 or not 0 < level < 1:
-    raise ValueError(f'bootstrap: need resamples >= 1 and 0 < level < 1, got {resamples} '
-                     f'and {level}.')
+  _check(resamples, level)
   a, b = np.asarray(features_a, np.float64), np.asarray(features_b, np.float64)
   rng = np.random.default_rng(seed)
   values = [fid(a[rng.integers(0, len(a), len(a))], b[rng.integers(0, len(b), len(b))])
             for _ in range(resamples)]
-  tail = 50.0 * (1.0 - level)
-  lo, hi = np.percentile(values, [tail, 100.0 - tail])
-  return float(lo), float(hi)
+  bias = float(np.median(values)) - fid(a, b)
+  lo, hi = _interval(values, level)
+  return lo - bias, hi - bias
+
+
+def null_interval(features_a, features_b, resamples, level=0.9, seed=0):
+  """(lo, hi): the central `level` interval of FID between two samples of ONE distribution.
+
+  features_a and features_b ([n, F] each) are two samples of the same distribution (AR at
+  two seeds): their 2n rows are pooled and split at random into two halves of n, without
+  replacement, `resamples` times. Each split's FID is what two independent n-image samples
+  of that distribution give, so the interval is the spread of the noise level itself, at
+  the same n (no duplicated rows, no bias). A method's FID vs AR above `hi` is more than
+  sampling noise explains. The same seed gives the same interval.
+  """
+  _check(resamples, level)
+  a, b = np.asarray(features_a, np.float64), np.asarray(features_b, np.float64)
+  if len(a) != len(b):
+    raise ValueError(f'null_interval: two samples of equal size, got {len(a)} and {len(b)}.')
+  pooled, n = np.concatenate([a, b]), len(a)
+  rng = np.random.default_rng(seed)
+  values = []
+  for _ in range(resamples):
+    order = rng.permutation(2 * n)
+    values.append(fid(pooled[order[:n]], pooled[order[n:]]))
+  return _interval(values, level)

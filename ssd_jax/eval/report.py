@@ -106,12 +106,13 @@ def intervals(fid):
   if not fid['bootstrap']:
     return ('- no intervals (`--config.fid.bootstrap=0`); the noise level is itself one '
             'draw, so ratios a little above 1 may be noise.')
-  return (f"- intervals: {fid['interval']:.0%} percentile bootstrap intervals over "
-          f"{fid['bootstrap']} resamples (each of the two feature sets drawn with "
-          'replacement, independently, with a fixed seed). Resampling biases FID upward a '
-          "little, so compare a row's FID-vs-AR interval with the noise interval in its own "
-          'row (same n, computed the same way), not with a point value: above the noise '
-          'interval is a fidelity loss; overlapping it, AR-like at this number of images.')
+  return (f"- intervals ({fid['interval']:.0%}, {fid['bootstrap']} resamples, fixed seed): "
+          "the noise level's is the spread of FID between two n-image AR samples (the two AR "
+          "runs' first n images pooled and split at random into halves of n, without "
+          "replacement); a row's FID vs AR has a bootstrap interval (both sets resampled with "
+          'replacement, shifted by the bias that duplicated images add, so it is centred on '
+          "the value). A FID vs AR above its row's noise interval is more than sampling noise "
+          'explains: a fidelity loss; inside it, AR-like at this number of images.')
 
 
 def markdown(summary):
