@@ -14,8 +14,9 @@ small config that imports this one and changes `settings`. Plain AR always runs 
 Images: `num_images` for AR (both seeds) and every method, but `num_images_by_method` for
 the methods it lists (the slow ones: 256). A setting with n images is compared with AR's
 first n images, against the noise level at n (AR vs AR over the first n); `fid.bootstrap`
-resamples give each of them an interval (the noise level's: random splits of the pooled AR
-images; a setting's: a bootstrap), so a real fidelity loss shows apart from noise.
+resamples give each of them an interval (the noise level's: the two AR runs' images i
+swapped at random; a setting's: a paired bootstrap), so a real fidelity loss shows apart
+from noise.
 """
 
 import ml_collections

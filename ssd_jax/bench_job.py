@@ -9,8 +9,8 @@ A setting whose FID against AR is at that level is statistically indistinguishab
 A method listed in config.num_images_by_method makes fewer images (n): it is compared with
 AR's first n images, which are the images an n-image AR run makes, against the noise level
 over the first n of both AR runs. Intervals tell a loss from noise: the noise level's is
-the spread of FID between two n-image AR samples (random splits of the two AR runs'
-pooled first n images), a setting's a bootstrap interval around its FID vs AR.
+the spread of FID between two n-image AR samples (the two AR runs' images i swapped at
+random), a setting's a paired bootstrap interval around its FID vs AR.
 """
 
 import dataclasses
@@ -97,8 +97,9 @@ def against_ar(feats, counts, resamples, level, seed):
   base, other = feats[0], feats[1]
 
   def compare(x, n):
-    interval = (list(fid_lib.bootstrap_interval(x, base[:n], resamples, level, seed))
-                if resamples else None)
+    # Image i has the same class in every run: resample pairs, keeping the class mix.
+    interval = (list(fid_lib.bootstrap_interval(x, base[:n], resamples, level, seed,
+                                                paired=True)) if resamples else None)
     return fid_lib.fid(x, base[:n]), interval
 
   def noise_at(n):

@@ -61,8 +61,9 @@ def test_bootstrap_interval_is_reproducible_and_separates_a_shift():
   # Centred on the measured value (the resampling bias removed), at high dimension too,
   # where raw resamples sit far above it.
   wide_a, wide_b = rng.normal(size=(100, 32)), rng.normal(size=(100, 32))
-  lo, hi = fid_lib.bootstrap_interval(wide_a, wide_b, 50, 0.9, seed=0)
-  assert lo <= fid_lib.fid(wide_a, wide_b) <= hi
+  for paired in (False, True):
+    lo, hi = fid_lib.bootstrap_interval(wide_a, wide_b, 50, 0.9, seed=0, paired=paired)
+    assert lo <= fid_lib.fid(wide_a, wide_b) <= hi
   with pytest.raises(ValueError, match='resamples'):
     fid_lib.bootstrap_interval(a, b, 0, 0.9)
 
@@ -78,6 +79,21 @@ def test_null_interval_is_the_spread_of_fid_between_two_samples_of_one_distribut
   assert fid_lib.fid(draw(), draw(0.5)) > hi
   with pytest.raises(ValueError, match='equal size'):
     fid_lib.null_interval(draw(), draw()[:10], 10)
+  with pytest.raises(ValueError, match='equal size'):
+    fid_lib.bootstrap_interval(draw(), draw()[:10], 10, paired=True)
+
+
+def test_null_interval_keeps_the_class_mix_of_paired_samples():
+  """Row i of both samples has the same class: the swaps keep both halves' class mix, so
+  the null covers the FID of two fresh samples with that mix (a random split would mix
+  classes unevenly and put the null above it)."""
+  rng = np.random.default_rng(7)
+  centres = rng.normal(scale=3.0, size=(10, 8))
+  classes = np.arange(100) % 10
+  draw = lambda: centres[classes] + rng.normal(size=(100, 8))
+  lo, hi = fid_lib.null_interval(draw(), draw(), 100, 0.9, seed=0)
+  inside = np.mean([lo <= fid_lib.fid(draw(), draw()) <= hi for _ in range(40)])
+  assert inside >= 0.7
 
 
 def test_each_setting_is_compared_with_the_first_n_ar_images():
@@ -89,7 +105,8 @@ def test_each_setting_is_compared_with_the_first_n_ar_images():
   assert noise[12]['fid'] == fid_lib.fid(other, ar)
   assert rows[3]['fid_ar'] == fid_lib.fid(small, ar[:5])
   assert rows[3]['noise_fid'] == noise[5]['fid'] and rows[2]['noise_fid'] == noise[12]['fid']
-  assert rows[3]['fid_ar_interval'] == list(fid_lib.bootstrap_interval(small, ar[:5], 10, 0.9))
+  assert rows[3]['fid_ar_interval'] == list(fid_lib.bootstrap_interval(small, ar[:5], 10, 0.9,
+                                                                      paired=True))
   assert noise[5]['interval'] == list(fid_lib.null_interval(other[:5], ar[:5], 10, 0.9))
   assert rows[1]['fid_ar'] == noise[12]['fid'] and rows[1]['fid_ar_over_noise'] == 1.0
   assert rows[0]['fid_ar'] is None and rows[0]['fid_ar_interval'] is None

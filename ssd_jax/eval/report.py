@@ -107,11 +107,11 @@ def intervals(fid):
     return ('- no intervals (`--config.fid.bootstrap=0`); the noise level is itself one '
             'draw, so ratios a little above 1 may be noise.')
   return (f"- intervals ({fid['interval']:.0%}, {fid['bootstrap']} resamples, fixed seed): "
-          "the noise level's is the spread of FID between two n-image AR samples (the two AR "
-          "runs' first n images pooled and split at random into halves of n, without "
-          "replacement); a row's FID vs AR has a bootstrap interval (both sets resampled with "
-          'replacement, shifted by the bias that duplicated images add, so it is centred on '
-          "the value). A FID vs AR above its row's noise interval is more than sampling noise "
+          "the noise level's is the spread of FID between two n-image AR samples (image i of "
+          'the two AR runs, which share its class, swapped between them at random); a '
+          "row's FID vs AR has a paired bootstrap interval (the same images i of both sets "
+          'drawn with replacement, shifted by the bias that duplicated images add, so it is '
+          "centred on the value). A FID vs AR above its row's noise interval is more than sampling noise "
           'explains: a fidelity loss; inside it, AR-like at this number of images.')
 
 
