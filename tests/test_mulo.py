@@ -41,6 +41,7 @@ from test_training import read_metrics, without_evaluation  # pylint: disable=g-
 
 GRID = (4, 6)
 VOCAB = 16
+K = 8  # codebook neighbours pooled (mulo's default, 32, exceeds this codebook)
 GREEDY = sampling_lib.Sampling(temperature=0.0, cfg_scale=2.0)
 SAMPLED = sampling_lib.Sampling(temperature=1.0, cfg_scale=2.0)
 
@@ -140,7 +141,10 @@ def mesh():
 
 
 def generate(bundle, mesh, method, sampling, num_images=8, seed=3, **options):
-  """engine.generate; options: the method's fields (e.g. tau=1.5), none = its defaults."""
+  """engine.generate; options: the method's fields (e.g. tau=1.5), else its defaults
+  (mulo's k: K)."""
+  if method == 'mulo':
+    options.setdefault('k', K)
   return engine.generate(bundle, method, sampling, num_images=num_images,
                          batch_size=num_images, seed=seed, mesh=mesh, progress=False,
                          options=options or None)
@@ -154,6 +158,7 @@ def params_of(bundle):
 
 def decode(bundle, sampling, labels, keys, **options):
   """mulo's decoding function called directly (the per-sample stats engine sums away)."""
+  options.setdefault('k', K)
   target = target_lib.Target(bundle.model, sampling)
   fn = jax.jit(mulo.build(bundle, target, mulo.Options(**options)))
   tokens, stats = fn(params_of(bundle), labels, keys)
