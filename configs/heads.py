@@ -5,6 +5,12 @@
 
 Writes <workdir>/heads/ with results.json: per head, top-1 agreement with the backbone's
 argmax and the mean acceptance probability sum(min(p, q)) on held-out grids.
+
+Heads see `context` committed positions next to their target (models/heads.py): 2 in
+release v2, measured against 0 and 1 on held-out grids (checkpoints/README.md). Release v2
+started from v1's context-free heads (`--config.heads.init_from=<v1 heads>`, 600 steps;
+the new inputs start at zero) and trained 1800 steps more; from scratch, the defaults train
+context heads directly.
 """
 
 import ml_collections
@@ -17,7 +23,7 @@ def get_config(arg=None):
   config.tokenizer_dir = ''  # Trained tokenizer stage; '' = <workdir>/tokenizer.
   config.ar_dir = ''  # Trained AR stage (the frozen backbone); '' = <workdir>/ar.
   config.batch_size = 32
-  config.num_steps = 600  # The release run (2 CPU cores); more steps raise acceptance.
+  config.num_steps = 1800  # Release v2's run (after v1's 600 context-free steps, see below).
   config.learning_rate = 1e-3
   config.warmup_steps = 100
   config.log_every = 50
@@ -33,7 +39,7 @@ def get_config(arg=None):
   config.heads.mlp_dim = 256  # SwiGLU width inside each head.
   config.heads.ce_weight = 0.5  # Weight of the cross-entropy towards the backbone's p.
   config.heads.null_fraction = 0.25  # Share of null-class grids (CFG drafts need them).
-  config.heads.context = 0  # Committed positions next to its target each head also sees.
+  config.heads.context = 2  # Committed positions next to its target each head also sees.
   config.heads.init_from = ''  # Heads stage to start from (context inputs start at zero).
 
   if arg == 'smoke':

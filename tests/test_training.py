@@ -273,24 +273,26 @@ def test_batch_size_not_divisible_by_devices(runs, tmp_path):
 
 
 def test_context_heads_start_from_trained_heads(runs, tmp_path):
-  """heads.context + heads.init_from: the run starts exactly at the trained heads (its
-  first evaluation-free loss equals theirs) and trains; mismatched heads are refused."""
+  """heads.init_from with more context than the trained heads (the smoke heads have 2): the
+  run starts exactly at the trained heads (its first loss equals theirs) and trains;
+  mismatched heads are refused."""
   workdir = str(tmp_path / 'ctx')
   heads_dir = os.path.join(runs['workdir'], 'heads')
   common = dict(tokenizer_dir=os.path.join(runs['workdir'], 'tokenizer'),
                 ar_dir=os.path.join(runs['workdir'], 'ar'), num_steps=2, log_every=1,
                 checkpoint_every=2, learning_rate=1e-2)
   config = smoke_config(runs['root'], 'heads', **common, **{
-      'heads.context': 2, 'heads.init_from': heads_dir})
+      'heads.context': 3, 'heads.init_from': heads_dir})
   loop.train(config, workdir, without_evaluation(heads_stage.make_stage(config, workdir)))
   first = read_metrics(os.path.join(workdir, 'heads'))[0]
-  plain = smoke_config(runs['root'], 'heads', **common, **{'heads.init_from': heads_dir})
+  plain = smoke_config(runs['root'], 'heads', **common, **{'heads.context': 2,
+                                                           'heads.init_from': heads_dir})
   plain_dir = str(tmp_path / 'plain')
   loop.train(plain, plain_dir, without_evaluation(heads_stage.make_stage(plain, plain_dir)))
   assert first['loss'] == pytest.approx(read_metrics(os.path.join(plain_dir, 'heads'))[0]['loss'],
                                         rel=1e-5)
   spec = checkpoint.load_json(os.path.join(workdir, 'heads', 'model.json'))['heads']
-  assert spec['context'] == 2 and 'init_from' not in spec
+  assert spec['context'] == 3 and 'init_from' not in spec
   wrong = smoke_config(runs['root'], 'heads', **common, **{
       'heads.init_from': heads_dir, 'heads.num_horizontal': 2})
   with pytest.raises(ValueError, match='init_from'):
