@@ -82,8 +82,9 @@ def runs(tmp_path_factory):
       'tokenizer': smoke_config(root, 'tokenizer', checkpoint_every=4,
                                 **{'vq.restart_every': 3}),
       'ar': smoke_config(root, 'ar', checkpoint_every=4),
+      # Context-free heads: test_context_heads_start_from_trained_heads grows them.
       'heads': smoke_config(root, 'heads', num_steps=8, log_every=1, checkpoint_every=8,
-                            learning_rate=1e-2),
+                            learning_rate=1e-2, **{'heads.context': 0}),
   }
   with no_partitionable_threefry():
     tok_state, _ = stages.run(configs['tokenizer'], workdir)
@@ -273,9 +274,9 @@ def test_batch_size_not_divisible_by_devices(runs, tmp_path):
 
 
 def test_context_heads_start_from_trained_heads(runs, tmp_path):
-  """heads.init_from with more context than the trained heads (the smoke heads have 2): the
-  run starts exactly at the trained heads (its first loss equals theirs) and trains;
-  mismatched heads are refused."""
+  """heads.init_from with more context than the trained heads (the smoke heads have none):
+  the run starts exactly at the trained heads (its first loss equals theirs, with 2 or 3
+  context positions) and trains; mismatched heads are refused."""
   workdir = str(tmp_path / 'ctx')
   heads_dir = os.path.join(runs['workdir'], 'heads')
   common = dict(tokenizer_dir=os.path.join(runs['workdir'], 'tokenizer'),

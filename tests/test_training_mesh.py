@@ -20,6 +20,7 @@ from ssd_jax.training import ar_stage
 from ssd_jax.training import checkpoint
 from ssd_jax.training import loop
 from ssd_jax.training import stages
+import helpers  # pylint: disable=g-bad-import-order
 import test_sharding  # pylint: disable=g-bad-import-order
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -40,7 +41,7 @@ def root(tmp_path_factory):
   spec = {'transformer': ar_stage.transformer_spec(config, tokenizer, 28)}
   module = pretrained.transformer_module(spec)
   abstract = pretrained.abstract_params(module, spec, pretrained.init_args('ar', module))
-  test_sharding.save_stage(str(root / 'ar'), spec,
+  helpers.save_stage(str(root / 'ar'), spec,
                            jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), abstract))
   return root
 
