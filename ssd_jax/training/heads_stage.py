@@ -5,8 +5,8 @@ pre-norm state that predicts token i, so for source position (y, x) the horizont
 regresses hidden at (y, x + k) and the vertical head k hidden at (y + k, x) (Smooth-L1),
 plus optionally a cross-entropy towards the backbone's token distribution there. Heads with
 `context` also get the states and embeddings of committed positions next to their target
-(models/heads.py). `init_from` warm-starts from trained heads without context: the new
-input rows of W0 start at zero, so training begins exactly where those heads stand.
+(models/heads.py). `init_from` warm-starts from trained heads with less (or no) context:
+the new input rows of W0 start at zero, so training begins exactly where those heads stand.
 """
 
 import flax.linen as nn
