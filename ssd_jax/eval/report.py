@@ -111,8 +111,9 @@ def intervals(fid):
           'the two AR runs, which share its class, swapped between them at random); a '
           "row's FID vs AR has a paired bootstrap interval (the same images i of both sets "
           'drawn with replacement, shifted by the bias that duplicated images add, so it is '
-          "centred on the value). A FID vs AR above its row's noise interval is more than sampling noise "
-          'explains: a fidelity loss; inside it, AR-like at this number of images.')
+          "centred on the value). A FID vs AR above its row's noise interval is more than "
+          'sampling noise explains: a fidelity loss; inside it, AR-like at this number of '
+          'images.')
 
 
 def markdown(summary):
