@@ -26,7 +26,7 @@ def get_config(arg=''):
   config.checkpoint = ''  # Run folder; '' = the release in checkpoints/fmnist.
   config.settings = SETTINGS  # (method, {option: value}) pairs timed against plain AR.
   config.batches = ((1, 8), (16, 16), (64, 64))  # (batch size, images per timed run) pairs.
-  config.repeats = 3  # Timed runs per setting and batch size (and floor); the median counts.
+  config.repeats = 3  # Timed runs per setting and batch size (and floor); the fastest counts.
   config.repeat_seconds = 10.0  # ... fewer once the timed runs add up to this (1 at least).
   config.floor_seconds = 0.2  # Length of a timed floor loop (its forward count adapts).
   config.dtypes = ('float32',)  # Precisions of the target: float32, bfloat16.

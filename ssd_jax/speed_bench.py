@@ -1,7 +1,7 @@
 """bench.py's speed mode: each method's target pass against its floor, per batch size.
 
 For every batch size, dtype and setting (plain AR first: the baseline), in one process:
-sequential target passes per batch, ms per pass (median run seconds / target passes),
+sequential target passes per batch, ms per pass (fastest run's seconds / target passes),
 images/s, speed-ups against `ar` at the same batch size and dtype in passes and in wall
 time, compile time apart (then one untimed warm-up batch), and the floor: a bare jitted
 forward of the target (CFG included, outside any decoding loop, with the KV cache of the
@@ -13,7 +13,7 @@ what verifying a block costs on this machine.
 
 import dataclasses
 import math
-import statistics
+import os
 import time
 
 import jax
@@ -69,7 +69,7 @@ def forward_floor(bundle, sampling, dtype, device, batch, tokens, seconds, repea
   parameters, activations and cache in `dtype` as the engine runs them.
 
   The forwards run in a jitted loop that does nothing else (no Python dispatch per
-  forward, as in a decoding loop), as many as take `seconds`; the median of such loops
+  forward, as in a decoding loop), as many as take `seconds`; the fastest of such loops
   (see `repeated`), per forward.
   """
   target = target_lib.Target(bundle.model, sampling.processing(), jnp.dtype(dtype))
@@ -97,19 +97,33 @@ def forward_floor(bundle, sampling, dtype, device, batch, tokens, seconds, repea
     return (time.perf_counter() - t0) / count
 
   count = max(1, math.ceil(seconds / timed(1)))
-  return 1000 * statistics.median(repeated(lambda: timed(count), repeats, budget))
+  return 1000 * min(repeated(lambda: timed(count), repeats, budget))
 
 
 def repeated(timed, repeats, budget):
-  """[seconds] of up to `repeats` calls of timed(), fewer once they add up to `budget`."""
+  """[seconds] of up to `repeats` calls of timed(), fewer once they add up to `budget`.
+
+  Callers keep the fastest: other work on the machine only ever adds time, so the minimum
+  is the estimate that moves least between runs (a median of 3 moved the same floor by
+  1.6x between two runs on a shared 2-core CPU).
+  """
   seconds = [timed()]
   while len(seconds) < repeats and sum(seconds) < budget:
     seconds.append(timed())
   return seconds
 
 
+def other_load():
+  """The 1-minute load average before the timing starts (other work on the machine), or
+  None where the system does not report it."""
+  try:
+    return os.getloadavg()[0]
+  except OSError:
+    return None
+
+
 def time_setting(bundle, setting, sampling, dtype, mesh, batch, num_images, config):
-  """One row: compile, one warm-up batch, then the median of the timed runs."""
+  """One row: compile, one warm-up batch, then the fastest of the timed runs."""
   def run(count):
     return engine.generate(bundle, setting.method.name, sampling, count, batch,
                            list(config.classes) or None, config.seed, setting.options, mesh,
@@ -122,7 +136,7 @@ def time_setting(bundle, setting, sampling, dtype, mesh, batch, num_images, conf
     return runs[-1]['run_seconds']
 
   repeated(timed, config.repeats, config.repeat_seconds)
-  seconds = statistics.median(r['run_seconds'] for r in runs)
+  seconds = min(r['run_seconds'] for r in runs)
   stats = runs[0]
   return dict(
       label=setting.label, method=setting.method.name, lossless=setting.method.lossless,
@@ -156,6 +170,7 @@ def run(config, out_dir, command=''):
   jobs = [(batch, images, dtype, s) for batch, images in config.batches
           for dtype in config.dtypes for s in settings]
   rows, floors, skipped = [], {}, []
+  load_before = other_load()
   t0 = time.perf_counter()
   for batch, images, dtype, s in tqdm(jobs, desc='speed', unit='setting',
                                       disable=not config.progress or not log):
@@ -185,6 +200,7 @@ def run(config, out_dir, command=''):
       command=command, args=config.to_dict(), checkpoint=report.relative(bundle.run_dir),
       grid=list(bundle.model.grid), sampling=dataclasses.asdict(sampling),
       machine=report.machine(), floor_device=str(device), dtypes=list(config.dtypes),
+      load_before=load_before, cpus=os.cpu_count(),
       skipped=skipped, seconds=time.perf_counter() - t0, rows=rows)
   if log:
     speed_report.write_all(out_dir, summary)

@@ -54,6 +54,8 @@ def test_speed_smoke_writes_latency_and_throughput_tables_with_floors(tmp_path):
   for row in saved['rows']:
     assert all(row[key] > 0 for key in FLOORS), row
     assert row['target_passes'] > 0 and row['compile_seconds'] > 0
+    # The fastest timed run counts (interference only adds time).
+    assert row['run_seconds'] == min(row['run_seconds_each'])
     if row['method'] == 'ar':
       assert row['speedup_passes'] == row['speedup_wall'] == 1.0
       assert row['block_tokens'] == 1 and row['floor_k_ms'] == row['floor_1_ms']
@@ -63,6 +65,8 @@ def test_speed_smoke_writes_latency_and_throughput_tables_with_floors(tmp_path):
   assert '## Latency (batch 1), float32' in table and '## Throughput (batch 2), float32' in table
   assert '| 2 | speculative | True | 5 |' in table and 'python bench.py --smoke' in table
   assert saved['machine']['devices'] in table and len(summary['rows']) == 4
+  if saved['load_before'] is not None:  # other work on the machine is named in the report
+    assert f"machine load before timing: {saved['load_before']:.2f}" in table
 
 
 def test_time_limit_lists_what_it_skipped(tmp_path):

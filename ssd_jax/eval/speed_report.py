@@ -41,9 +41,9 @@ def markdown(summary):
       f"- sampling: {summary['sampling']}",
       f"- machine: {m['processor']}, {m['platform']}, {m['devices']}, jax {m['jax']}; mesh "
       f"data={args['mesh']['data']} model={args['mesh']['model']}",
-      f"- timing: compile time apart, then one untimed warm-up batch, then the median of "
+      f"- timing: compile time apart, then one untimed warm-up batch, then the fastest of "
       f"{args['repeats']} timed runs (fewer once they add up to {args['repeat_seconds']:g} "
-      "s; each row's are in results.json). ms/pass = run seconds / sequential target passes "
+      "s; each row's are in results.json; other work on the machine only adds time). ms/pass = run seconds / sequential target passes "
       '(per batch, the slowest sample\'s count). Speed-ups are against `ar` at the same '
       'batch size and dtype, in this run.',
       f"- floor: a bare jitted forward of the target (CFG doubles the rows; outside any "
@@ -52,6 +52,12 @@ def markdown(summary):
       f"{args['floor_seconds']:g} s that does nothing else, timed like the runs, on "
       f"{summary['floor_device']}. pass / floor k = ms/pass "
       'over the k-token floor: 1.00x means the loop adds nothing to the forward.']
+  load = summary.get('load_before')
+  if load is not None:
+    busy = load >= 0.5
+    lines.append(f"- machine load before timing: {load:.2f} (1-minute average, "
+                 f"{summary['cpus']} CPUs)" + ('; **other work was running: times are '
+                 'inflated and less comparable between runs**' if busy else ''))
   for s in summary['skipped']:
     lines.append(f"- not measured: batch {s['batch_size']} {s['label']} ({s['dtype']}): "
                  f"{s['reason']}")
