@@ -263,3 +263,29 @@ def test_neighbour_targets_align_with_the_grid():
       assert bool(valid[i, 3 + k]) == (y + k + 1 < h)
       if valid[i, 3 + k]:
         assert int(target[0, i, 3 + k]) == (y + k + 1) * w + c
+
+
+def test_kv_buckets_read_the_cache_only_as_far_as_a_query_sees(model, params, data, fns):
+  """The bucket holds the last visible slot of the batch; reading fewer slots changes no
+  logit (the ragged-block test above runs through every bucket of this model's cache)."""
+  assert transformer.kv_bucket_sizes(202, 4) == (56, 104, 152, 202)
+  assert transformer.kv_bucket_sizes(16, 4) == (8, 16)  # at least 8 slots per bucket
+  assert transformer.kv_bucket_sizes(202, 1) == (202,)
+  sizes = (8, 16, 24, 30)
+  mask = np.zeros((2, 3, 30), bool)
+  for last, bucket in ((1, 0), (8, 0), (9, 1), (17, 2), (25, 3), (30, 3)):
+    m = mask.copy()
+    m[1, 2, last - 1] = True
+    assert int(transformer.kv_bucket(jnp.asarray(m), sizes)) == bucket, last
+  tokens, labels = data
+  cond, prefill, _ = fns
+  outs = []
+  for buckets in (1, 4):
+    m = model.clone(kv_buckets=buckets)
+    decode = jax.jit(lambda t, s, c, m=m: m.apply({'params': params}, t, s, c,
+                                                  method=m.decode))
+    _, _, cache = prefill(cond(labels), m.init_cache(BATCH, extra_slots=EXTRA))
+    cache = cache.commit(jnp.full((BATCH,), PREFIX))
+    outs.append(decode(tokens[:, :3], PREFIX + jnp.broadcast_to(jnp.arange(3), (BATCH, 3)),
+                       cache)[0])
+  np.testing.assert_allclose(outs[0], outs[1], atol=TOL)

@@ -10,6 +10,10 @@ per-sample slots and attends to the committed slots [0, cache.length) plus the b
 (causal inside the block unless a block mask, e.g. a draft tree, says otherwise). Plain
 decoding is T = 1, verifying k drafts is T = k + 1. Slots beyond `length` are masked
 explicitly; rejected drafts are dropped by moving `length` back.
+
+Attention reads the cache only up to the last slot any query of the batch may see, rounded
+up to one of `kv_buckets` static lengths (a `lax.switch` over them), so a pass early in the
+grid reads a fraction of the static cache instead of all of it.
 """
 
 import flax
@@ -40,6 +44,32 @@ class KVCache:
     return self.replace(length=jnp.asarray(length, jnp.int32))
 
 
+def kv_bucket_sizes(max_len, buckets):
+  """Static key lengths (ascending, the last = max_len) attention may read up to; sizes
+  are multiples of 8 so that each branch's arrays stay aligned."""
+  buckets = max(1, min(buckets, max_len // 8))
+  ceil = lambda a, b: -(-a // b)
+  sizes = [min(max_len, 8 * ceil(ceil(max_len * (i + 1), buckets), 8)) for i in range(buckets)]
+  return tuple(dict.fromkeys(sizes[:-1] + [max_len]))
+
+
+def kv_bucket(mask, sizes):
+  """mask [B, T, S] -> [] int32: the smallest bucket holding every slot any query sees."""
+  used = jnp.max(jnp.where(mask, jnp.arange(1, mask.shape[-1] + 1), 0))
+  return jnp.searchsorted(jnp.asarray(sizes[:-1]), used, side='left').astype(jnp.int32)
+
+
+def attend(q, k, v, mask, head_dim):
+  """q [B, T, H, Dh], k, v [B, H, S, Dh], mask [B, T, S] -> [B, T, H * Dh]."""
+  b, t = q.shape[:2]
+  # Scores and softmax in float32 also when activations are bfloat16.
+  scores = jnp.einsum('bthd,bhsd->bhts', q, k, preferred_element_type=jnp.float32)
+  scores = scores / jnp.sqrt(jnp.float32(head_dim))
+  scores = jnp.where(mask[:, None], scores, jnp.finfo(scores.dtype).min)
+  probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+  return jnp.einsum('bhts,bhsd->bthd', probs, v).reshape(b, t, -1)
+
+
 def cache_mask(slots, length, max_len, block_mask=None):
   """[B, T, S] bool: query t sees committed slots and the block slots block_mask allows."""
   t = slots.shape[1]
@@ -58,9 +88,11 @@ class Attention(nn.Module):
   rope_interleaved: bool = False  # rotate adjacent pairs (LlamaGen) instead of halves
 
   @nn.compact
-  def __call__(self, x, angles, mask, cache=None, layer=None, slots=None, rope_keep=None):
+  def __call__(self, x, angles, mask, cache=None, layer=None, slots=None, rope_keep=None,
+               kv=None):
     """x [B, T, D]; mask [B, T, S] (S = T without cache); rope_keep [B, T] (False: q = k = 0,
-    see layers.apply_rope); returns (y, cache)."""
+    see layers.apply_rope); kv (bucket [], sizes): with the cache, read keys up to
+    sizes[bucket] only (see kv_bucket); returns (y, cache)."""
     b, t, _ = x.shape
     qkv = layers.Dense(3 * self.num_heads * self.head_dim, ('embed', 'heads'), name='qkv')(x)
     q, k, v = jnp.split(qkv.reshape(b, t, 3 * self.num_heads, self.head_dim), 3, axis=2)
@@ -72,15 +104,17 @@ class Attention(nn.Module):
       cache = cache.replace(
           k=cache.k.at[layer, bidx, :, slots].set(k.astype(cache.k.dtype)),
           v=cache.v.at[layer, bidx, :, slots].set(v.astype(cache.v.dtype)))
-      k, v = cache.k[layer], cache.v[layer]  # [B, H, S, Dh]
+      if kv is None or len(kv[1]) == 1:
+        y = attend(q, cache.k[layer], cache.v[layer], mask, self.head_dim)
+      else:
+        # The whole cache goes into the switch and each branch slices its layer and length,
+        # so no branch copies more of it than it reads.
+        def upto(size):
+          return lambda q, ck, cv, mask: attend(q, ck[layer, :, :, :size], cv[layer, :, :, :size],
+                                                mask[..., :size], self.head_dim)
+        y = jax.lax.switch(kv[0], [upto(size) for size in kv[1]], q, cache.k, cache.v, mask)
     else:
-      k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, H, T, Dh]
-    # Scores and softmax in float32 also when activations are bfloat16.
-    scores = jnp.einsum('bthd,bhsd->bhts', q, k, preferred_element_type=jnp.float32)
-    scores = scores / jnp.sqrt(jnp.float32(self.head_dim))
-    scores = jnp.where(mask[:, None], scores, jnp.finfo(scores.dtype).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    y = jnp.einsum('bhts,bhsd->bthd', probs, v).reshape(b, t, self.num_heads * self.head_dim)
+      y = attend(q, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), mask, self.head_dim)
     return layers.Dense(x.shape[-1], ('heads', 'embed'), name='out')(y), cache
 
 
@@ -92,11 +126,12 @@ class Block(nn.Module):
   rope_interleaved: bool = False
 
   @nn.compact
-  def __call__(self, x, angles, mask, cache=None, layer=None, slots=None, rope_keep=None):
+  def __call__(self, x, angles, mask, cache=None, layer=None, slots=None, rope_keep=None,
+               kv=None):
     x = nn.with_logical_constraint(x, ('act_batch', 'act_len', 'act_embed'))
     y, cache = Attention(self.num_heads, self.head_dim, self.rope_interleaved, name='attn')(
         layers.RMSNorm(self.norm_eps, name='attn_norm')(x), angles, mask, cache, layer, slots,
-        rope_keep)
+        rope_keep, kv)
     x = x + y
     x = x + layers.SwiGLU(self.mlp_dim, name='mlp')(
         layers.RMSNorm(self.norm_eps, name='mlp_norm')(x))
@@ -122,6 +157,10 @@ class Transformer(nn.Module):
   norm_eps: float = 1e-6
   rope_interleaved: bool = False  # rotate adjacent pairs (x[2j], x[2j+1]) instead of halves
   rope_zero_prefix: bool = False  # prefix slots get cos = sin = 0 (q = k = 0), not -1, -2, ...
+  # Decoding only: attention reads the cache up to the smallest of this many static lengths
+  # that holds every visible slot (1 = the whole cache every pass). Not a weight: any value
+  # loads any checkpoint.
+  kv_buckets: int = 4
 
   @property
   def head_dim(self):
@@ -170,8 +209,12 @@ class Transformer(nn.Module):
     angles = layers.rope_angles(rows, cols, self.head_dim, self.rope_base)
     # Prefix slots are the ones with negative positions (rope_pos holds image positions).
     keep = rows >= 0 if self.rope_zero_prefix else None
+    kv = None
+    if cache is not None:
+      sizes = kv_bucket_sizes(cache.max_len, self.kv_buckets)
+      kv = (kv_bucket(mask, sizes), sizes)  # one bucket for all layers of this pass
     for i, block in enumerate(self.blocks):
-      x, cache = block(x, angles, mask, cache, i, slots, keep)
+      x, cache = block(x, angles, mask, cache, i, slots, keep, kv)
     return x, cache
 
   # --- training: the whole grid in one causal pass --------------------------------------
