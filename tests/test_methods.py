@@ -21,6 +21,7 @@ from ssd_jax.decoding import codebook
 from ssd_jax.decoding import engine
 from ssd_jax.decoding import registry
 from ssd_jax.decoding import sampling as sampling_lib
+from ssd_jax.decoding.methods import jacobi
 from ssd_jax.decoding.methods import zipar
 
 GRID = (3, 4)
@@ -72,6 +73,40 @@ def test_greedy_sjd_equals_ar(bundle, mesh, greedy_ar, init, window):
   helpers.assert_greedy_equal(bundle, sjd.tokens, greedy_ar.tokens, greedy_ar.labels,
                               GREEDY.cfg_scale, f'sjd {init} {window}')
   assert sjd.stats['target_passes'] <= greedy_ar.stats['target_passes']
+
+
+@pytest.mark.parametrize('init', ['left', 'upper'])
+def test_copy_fill_matches_a_left_to_right_fill(init):
+  """The vectorised fill (pointer doubling) equals filling the window one position at a
+  time, copies of copies included, at ragged prefixes and fresh counts."""
+  grid, window_len, b = (5, 4), 13, 6
+  model = types.SimpleNamespace(grid=grid, vocab_size=50)
+  target = types.SimpleNamespace(model=model)
+  rng = np.random.default_rng(3)
+  n = rng.integers(1, 20, b)
+  num_fresh = np.minimum(rng.integers(0, 6, b), window_len)
+  tokens = np.where(np.arange(20)[None] < n[:, None], rng.integers(0, 50, (b, 20)), -1)
+  fresh = rng.integers(0, 50, (b, window_len))
+  fresh_q = rng.random((b, window_len, 50)).astype(np.float32)
+  window, q = jacobi.fill_window(target, init, None, jnp.asarray(tokens), jnp.asarray(n),
+                                 jnp.asarray(fresh), jnp.asarray(fresh_q),
+                                 jnp.asarray(num_fresh))
+  for i in range(b):
+    canvas = list(tokens[i][:n[i]])
+    for j in range(window_len):
+      pos = n[i] + j
+      if j < num_fresh[i]:
+        canvas.append(fresh[i, j])
+        continue
+      if init == 'left':
+        src = pos - 1 if pos % grid[1] else pos - grid[1]
+      else:
+        src = pos - grid[1] if pos >= grid[1] else pos - 1
+      canvas.append(canvas[src])
+    np.testing.assert_array_equal(window[i], canvas[n[i]:], err_msg=f'sample {i}')
+    expect_q = np.where(np.arange(window_len)[:, None] < num_fresh[i], fresh_q[i],
+                        np.eye(50)[np.asarray(canvas[n[i]:])])
+    np.testing.assert_allclose(q[i], expect_q)
 
 
 DIST_N = 20480

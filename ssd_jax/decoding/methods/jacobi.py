@@ -90,19 +90,18 @@ def fill_window(target, init, keys, tokens, n, fresh, fresh_q, num_fresh):
     drawn = jax.vmap(lambda k: jax.random.randint(k, (window_len,), 0, vocab))(keys)
     window = jnp.where(is_fresh, fresh, drawn.astype(jnp.int32))
     return window, jnp.where(is_fresh[..., None], fresh_q, 1.0 / vocab)
-  # Copies can chain (a copy of a copy), so fill the window left to right on a canvas
-  # that holds the committed tokens followed by room for the window.
+  # Copies chain (a copy of a copy of ...): follow each position's source pointer until it
+  # reaches a committed token or a fresh draft, by pointer doubling: after t rounds every
+  # pointer has moved 2^t links, so ceil(log2 L) + 1 rounds of one gather settle a window
+  # of L (instead of L sequential scatters).
   pos = n[:, None] + jnp.arange(window_len)[None]                        # [B, L]
-  bidx = jnp.arange(b)
-  canvas = jnp.concatenate([tokens, jnp.zeros((b, window_len), jnp.int32)], axis=1)
-
-  def place(j, canvas):
-    src = copy_source(pos[:, j], target.model.grid[1], init)
-    tok = jnp.where(is_fresh[:, j], fresh[:, j], canvas[bidx, src])
-    return canvas.at[bidx, pos[:, j]].set(tok)
-
-  canvas = jax.lax.fori_loop(0, window_len, place, canvas)
-  window = jnp.take_along_axis(canvas, pos, axis=1)
+  src = copy_source(pos, target.model.grid[1], init)                     # [B, L] < pos
+  ptr = jnp.where(is_fresh, pos, src)  # raster index; fresh drafts point at themselves
+  for _ in range(max(1, window_len - 1).bit_length() + 1):
+    inside = ptr >= n[:, None]                                           # a window position
+    ptr = jnp.where(inside, state_lib.gather(ptr, ptr - n[:, None], axis=1), ptr)
+  from_window = state_lib.gather(fresh, ptr - n[:, None], axis=1)
+  window = jnp.where(ptr >= n[:, None], from_window, state_lib.gather(tokens, ptr, axis=1))
   return window, jnp.where(is_fresh[..., None], fresh_q,
                            jax.nn.one_hot(window, vocab, dtype=fresh_q.dtype))
 
