@@ -21,7 +21,7 @@ def test_every_method_declares_the_block_its_passes_feed():
   assert all(isinstance(k, int) and k >= 1 for k in blocks.values()), blocks
   assert blocks['ar'] == 1 and blocks['speculative'] == 4 + 1
   assert blocks['ssd'] == max(4 + 1, 14) and blocks['sjd'] == 16 + 1
-  assert blocks['hawk'] == 4 + 4 * 5 // 2 + 1  # tree of K + K(K+1)/2 drafts and the root
+  assert blocks['hawk'] == 5 + 5 * 6 // 2 + 1  # tree of K + K(K+1)/2 drafts and the root
   ssd = registry.get('ssd')
   assert ssd.block_tokens(ssd.make_options(draft_len=20), grid) == 21
 
