@@ -5,10 +5,10 @@ sequential target passes per batch, ms per pass (fastest run's seconds / target 
 images/s, speed-ups against `ar` at the same batch size and dtype in passes and in wall
 time, compile time apart (then one untimed warm-up batch), and the floor: a bare jitted
 forward of the target (CFG included, outside any decoding loop, with the KV cache of the
-decoding length, half of it committed) on 1 token and on the block that the method's
-passes feed (`Method.block_tokens`). ms/pass over the k-token floor is what the loop adds to the
-forward (drafting, acceptance, bookkeeping); the k-token floor over the 1-token floor is
-what verifying a block costs on this machine.
+decoding length, averaged over how much of it is committed) on 1 token and on the block
+that the method's passes feed (`Method.block_tokens`). ms/pass over the k-token floor is
+what the loop adds to the forward (drafting, acceptance, bookkeeping); the k-token floor
+over the 1-token floor is what verifying a block costs on this machine.
 """
 
 import dataclasses
@@ -28,6 +28,7 @@ from ssd_jax.decoding import sampling as sampling_lib
 from ssd_jax.decoding import target as target_lib
 from ssd_jax.eval import report
 from ssd_jax.eval import speed_report
+from ssd_jax.models import transformer
 
 @dataclasses.dataclass
 class Setting:
@@ -66,38 +67,48 @@ def check_config(config):
 
 def forward_floor(bundle, sampling, dtype, device, batch, tokens, seconds, repeats, budget):
   """Milliseconds of one bare target forward of `tokens` tokens per sample at `batch`, with
-  parameters, activations and cache in `dtype` as the engine runs them.
+  parameters, activations and cache in `dtype` as the engine runs them, averaged over the
+  decoding: attention reads the cache only up to the bucket that holds the committed
+  length (models/transformer.py), so the forward is timed at one committed length per
+  bucket, the middle of the stretch of the grid that reads it (1/8, 3/8, 5/8, 7/8 of the
+  grid with 4 buckets), and the times are averaged.
 
   The forwards run in a jitted loop that does nothing else (no Python dispatch per
-  forward, as in a decoding loop), as many as take `seconds`; the fastest of such loops
-  (see `repeated`), per forward.
+  forward, as in a decoding loop), as many as take seconds / points; at each point the
+  fastest of such loops (see `repeated`), per forward.
   """
   target = target_lib.Target(bundle.model, sampling.processing(), jnp.dtype(dtype))
-  committed = target.prefix_len + bundle.model.num_tokens // 2
+  n = bundle.model.num_tokens
+  max_len = target.prefix_len + n + tokens
+  points = len(transformer.kv_bucket_sizes(max_len, bundle.model.kv_buckets))
   params = jax.device_put(engine.cast(bundle.params, jnp.dtype(dtype)), device)
-  cache = jax.device_put(jax.jit(lambda: target.commit(
-      target.init_cache(batch, extra_slots=tokens), jnp.full((batch,), committed)))(), device)
   block = jnp.zeros((batch, tokens), jnp.int32)
-  slots = committed + jnp.broadcast_to(jnp.arange(tokens), (batch, tokens))
-  forward = lambda params, cache: target.forward(params, block, slots, cache)[::2]
-  probs = jax.eval_shape(forward, params, cache)[0]
 
-  def forwards(params, cache, count):
+  def forwards(params, cache, slots, count):
     # The probabilities are carried, so no forward's work is dead code.
-    return jax.lax.fori_loop(0, count, lambda _, carry: forward(params, carry[1]),
+    forward = lambda cache: target.forward(params, block, slots, cache)[::2]
+    probs = jax.eval_shape(forward, cache)[0]
+    return jax.lax.fori_loop(0, count, lambda _, carry: forward(carry[1]),
                              (jnp.zeros(probs.shape, probs.dtype), cache))
 
   step = jax.jit(forwards, donate_argnums=1)  # the cache is updated in place, as in decoding
-  carry = jax.block_until_ready(step(params, cache, 1))  # compiles
+  times = []
+  for i in range(points):
+    committed = target.prefix_len + (2 * i + 1) * n // (2 * points)
+    cache = jax.device_put(jax.jit(lambda c=committed: target.commit(
+        target.init_cache(batch, extra_slots=tokens), jnp.full((batch,), c)))(), device)
+    slots = committed + jnp.broadcast_to(jnp.arange(tokens), (batch, tokens))
+    carry = jax.block_until_ready(step(params, cache, slots, 1))  # compiles once
 
-  def timed(count):
-    nonlocal carry
-    t0 = time.perf_counter()
-    carry = jax.block_until_ready(step(params, carry[1], count))
-    return (time.perf_counter() - t0) / count
+    def timed(count):
+      nonlocal carry
+      t0 = time.perf_counter()
+      carry = jax.block_until_ready(step(params, carry[1], slots, count))
+      return (time.perf_counter() - t0) / count
 
-  count = max(1, math.ceil(seconds / timed(1)))
-  return 1000 * min(repeated(lambda: timed(count), repeats, budget))
+    count = max(1, math.ceil(seconds / points / timed(1)))
+    times.append(min(repeated(lambda: timed(count), repeats, budget / points)))
+  return 1000 * sum(times) / points
 
 
 def repeated(timed, repeats, budget):

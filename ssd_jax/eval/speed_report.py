@@ -43,13 +43,15 @@ def markdown(summary):
       f"data={args['mesh']['data']} model={args['mesh']['model']}",
       f"- timing: compile time apart, then one untimed warm-up batch, then the fastest of "
       f"{args['repeats']} timed runs (fewer once they add up to {args['repeat_seconds']:g} "
-      "s; each row's are in results.json; other work on the machine only adds time). ms/pass = run seconds / sequential target passes "
-      '(per batch, the slowest sample\'s count). Speed-ups are against `ar` at the same '
-      'batch size and dtype, in this run.',
+      "s; each row's are in results.json; other work on the machine only adds time). "
+      'ms/pass = run seconds / sequential target passes (per batch, the slowest sample\'s '
+      'count). Speed-ups are against `ar` at the same batch size and dtype, in this run.',
       f"- floor: a bare jitted forward of the target (CFG doubles the rows; outside any "
-      f"decoding loop; the KV cache of the decoding length, half committed) on 1 token and on the "
-      f"block k that one pass of the method feeds, per forward of a jitted loop of "
-      f"{args['floor_seconds']:g} s that does nothing else, timed like the runs, on "
+      f"decoding loop; the KV cache of the decoding length, averaged over one committed "
+      f"length per attention bucket, the middle of each stretch of the grid that reads it) "
+      f"on 1 token and on the block k that one pass of the method feeds, per forward of "
+      f"jitted loops of {args['floor_seconds']:g} s in all that do nothing else, timed like "
+      f"the runs, on "
       f"{summary['floor_device']}. pass / floor k = ms/pass "
       'over the k-token floor: 1.00x means the loop adds nothing to the forward.']
   load = summary.get('load_before')
