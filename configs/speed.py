@@ -28,10 +28,9 @@ def get_config(arg=''):
   config.batches = ((1, 8), (16, 16), (64, 64))  # (batch size, images per timed run) pairs.
   config.repeats = 3  # Timed runs per setting and batch size (and floor); the fastest counts.
   config.repeat_seconds = 10.0  # ... fewer once the timed runs add up to this (1 at least).
-  # Length of the timed floor loops, all committed lengths together (their forward counts
-  # adapt). Loops of 0.2 s read the batch-1 forward at 0.30-0.40 ms from one repeat to the
-  # next on the 2-core CPU, loops of 1 s at 0.26-0.28 ms.
-  config.floor_seconds = 1.0
+  # Loops of 0.2 s read the batch-1 forward at 0.30-0.40 ms from one repeat to the next on
+  # the 2-core CPU, loops of 1 s at 0.26-0.28 ms.
+  config.floor_seconds = 1.0  # Timed floor loops, all committed lengths together (counts adapt).
   config.dtypes = ('float32',)  # Precisions of the target: float32, bfloat16.
   config.time_limit = 0.0  # Seconds; settings not started by then are listed as skipped.
   config.classes = ()  # Class ids, cycled; () = all classes.

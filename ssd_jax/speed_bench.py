@@ -124,13 +124,22 @@ def repeated(timed, repeats, budget):
   return seconds
 
 
-def other_load():
-  """The 1-minute load average before the timing starts (other work on the machine), or
-  None where the system does not report it."""
+def busy_cpus(seconds=1.0):
+  """CPUs kept busy by other work just before the timing starts: the busy share of all
+  CPUs over `seconds` (Linux /proc/stat) times their count; None where it cannot be read.
+  (Not the 1-minute load average: that still counts a run that ended a minute ago.)"""
+  def sample():
+    with open('/proc/stat') as f:
+      fields = [int(x) for x in f.readline().split()[1:]]
+    return fields[3] + fields[4], sum(fields)  # idle + iowait, total
   try:
-    return os.getloadavg()[0]
-  except OSError:
+    idle0, total0 = sample()
+    time.sleep(seconds)
+    idle1, total1 = sample()
+  except (OSError, ValueError, IndexError):
     return None
+  total = max(total1 - total0, 1)
+  return (1.0 - (idle1 - idle0) / total) * (os.cpu_count() or 1)
 
 
 def time_setting(bundle, setting, sampling, dtype, mesh, batch, num_images, config):
@@ -181,7 +190,7 @@ def run(config, out_dir, command=''):
   jobs = [(batch, images, dtype, s) for batch, images in config.batches
           for dtype in config.dtypes for s in settings]
   rows, floors, skipped = [], {}, []
-  load_before = other_load()
+  busy_before = busy_cpus()
   t0 = time.perf_counter()
   for batch, images, dtype, s in tqdm(jobs, desc='speed', unit='setting',
                                       disable=not config.progress or not log):
@@ -211,7 +220,7 @@ def run(config, out_dir, command=''):
       command=command, args=config.to_dict(), checkpoint=report.relative(bundle.run_dir),
       grid=list(bundle.model.grid), sampling=dataclasses.asdict(sampling),
       machine=report.machine(), floor_device=str(device), dtypes=list(config.dtypes),
-      load_before=load_before, cpus=os.cpu_count(),
+      busy_before=busy_before, cpus=os.cpu_count(),
       skipped=skipped, seconds=time.perf_counter() - t0, rows=rows)
   if log:
     speed_report.write_all(out_dir, summary)

@@ -65,8 +65,8 @@ def test_speed_smoke_writes_latency_and_throughput_tables_with_floors(tmp_path):
   assert '## Latency (batch 1), float32' in table and '## Throughput (batch 2), float32' in table
   assert '| 2 | speculative | True | 5 |' in table and 'python bench.py --smoke' in table
   assert saved['machine']['devices'] in table and len(summary['rows']) == 4
-  if saved['load_before'] is not None:  # other work on the machine is named in the report
-    assert f"machine load before timing: {saved['load_before']:.2f}" in table
+  if saved['busy_before'] is not None:  # other work on the machine is named in the report
+    assert f"CPUs busy with other work just before timing: {saved['busy_before']:.2f}" in table
 
 
 def test_time_limit_lists_what_it_skipped(tmp_path):

@@ -54,12 +54,11 @@ def markdown(summary):
       f"the runs, on "
       f"{summary['floor_device']}. pass / floor k = ms/pass "
       'over the k-token floor: 1.00x means the loop adds nothing to the forward.']
-  load = summary.get('load_before')
-  if load is not None:
-    busy = load >= 0.5
-    lines.append(f"- machine load before timing: {load:.2f} (1-minute average, "
-                 f"{summary['cpus']} CPUs)" + ('; **other work was running: times are '
-                 'inflated and less comparable between runs**' if busy else ''))
+  busy = summary.get('busy_before')
+  if busy is not None:
+    lines.append(f"- CPUs busy with other work just before timing: {busy:.2f} of "
+                 f"{summary['cpus']}" + ('; **times are inflated and less comparable between '
+                 'runs**' if busy >= 0.25 else ''))
   for s in summary['skipped']:
     lines.append(f"- not measured: batch {s['batch_size']} {s['label']} ({s['dtype']}): "
                  f"{s['reason']}")
