@@ -83,7 +83,7 @@ def fill_window(target, init, keys, tokens, n, fresh, fresh_q, num_fresh):
   """Window for positions n .. n + L - 1: `fresh` [B, L] (drawn from `fresh_q` [B, L, V])
   where j < num_fresh [B], initialised drafts after that. tokens [B, N], committed [0, n).
   Returns (window [B, L], window_q [B, L, V])."""
-  b, window_len = fresh.shape
+  window_len = fresh.shape[1]
   vocab = target.model.vocab_size
   is_fresh = jnp.arange(window_len)[None] < num_fresh[:, None]          # [B, L]
   if init == 'random':
