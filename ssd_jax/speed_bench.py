@@ -92,11 +92,13 @@ def forward_floor(bundle, sampling, dtype, device, batch, tokens, seconds, repea
                              (jnp.zeros(probs.shape, probs.dtype), cache))
 
   step = jax.jit(forwards, donate_argnums=1)  # the cache is updated in place, as in decoding
+  # One compile for every committed length (it enters as data).
+  make_cache = jax.jit(lambda committed: target.commit(
+      target.init_cache(batch, extra_slots=tokens), jnp.full((batch,), committed)))
   times = []
   for i in range(points):
     committed = target.prefix_len + (2 * i + 1) * n // (2 * points)
-    cache = jax.device_put(jax.jit(lambda c=committed: target.commit(
-        target.init_cache(batch, extra_slots=tokens), jnp.full((batch,), c)))(), device)
+    cache = jax.device_put(make_cache(committed), device)
     slots = committed + jnp.broadcast_to(jnp.arange(tokens), (batch, tokens))
     carry = jax.block_until_ready(step(params, cache, slots, 1))  # compiles once
 

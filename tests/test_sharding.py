@@ -243,7 +243,7 @@ def test_every_stage_of_every_method_is_split_by_the_rules(tiny, run_dir):
       mulo_draft=(low, helpers.model_params(low, keys[1])),
       mulo_upsampler=(up, helpers.init_params(up, keys[2],
                                               *mulo_models.upsampler_init_args(up))))
-  options = dict(OPTIONS, lantern={'k': 8}, mulo={'k': 8})  # default k exceed this codebook
+  options = dict(OPTIONS, lantern={'k': 8}, mulo={'k': 8})  # their default k exceeds this codebook
   split = set()
   for method in registry.all_methods():
     decoder = engine.build_decoder(bundle, method.name, Sampling(), options.get(method.name),

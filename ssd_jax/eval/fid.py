@@ -104,7 +104,8 @@ def null_interval(features_a, features_b, resamples, level=0.9, seed=0):
   what two independent n-image samples with that class mix give, so the interval is the
   spread of the noise level itself, at the same n (no duplicated rows, no bias; swapping
   within pairs keeps the class mix of both halves equal, as in the runs compared). A
-  method's FID vs AR above `hi` is more than sampling noise explains. The same seed gives the same interval.
+  method's FID vs AR above `hi` is more than sampling noise explains. The same seed gives
+  the same interval.
   """
   _check(resamples, level)
   a, b = np.asarray(features_a, np.float64), np.asarray(features_b, np.float64)
