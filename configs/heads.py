@@ -6,11 +6,13 @@
 Writes <workdir>/heads/ with results.json: per head, top-1 agreement with the backbone's
 argmax and the mean acceptance probability sum(min(p, q)) on held-out grids.
 
-Heads see `context` committed positions next to their target (models/heads.py): 2 in
-release v2, measured against 0 and 1 on held-out grids (checkpoints/README.md). Release v2
+Heads see `context` committed positions next to their target (models/heads.py): 2 since
+release v2, measured against 0 and 1 on held-out grids (checkpoints/README.md), and with
+`chain` (release v4) the token left of their target, so drafts form a chain. Release v2
 started from v1's context-free heads (`--config.heads.init_from=<v1 heads>`, 600 steps;
-the new inputs start at zero) and trained 1800 steps more; from scratch, the defaults train
-context heads directly.
+the new inputs start at zero) and trained 1800 steps more; release v4 started from v2's
+with `--config.heads.chain=True` (see checkpoints/README.md). From scratch, the defaults
+train context chain heads directly.
 """
 
 import ml_collections
@@ -40,6 +42,7 @@ def get_config(arg=None):
   config.heads.ce_weight = 0.5  # Weight of the cross-entropy towards the backbone's p.
   config.heads.null_fraction = 0.25  # Share of null-class grids (CFG drafts need them).
   config.heads.context = 2  # Committed positions next to its target each head also sees.
+  config.heads.chain = True  # Heads also see the token left of their target (a draft chain).
   config.heads.init_from = ''  # Heads stage to start from (context inputs start at zero).
 
   if arg == 'smoke':

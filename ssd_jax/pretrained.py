@@ -45,6 +45,7 @@ def transformer_module(spec):
 def heads_module(spec):
   kw = dict(spec['heads'])
   kw['context'] = int(kw.get('context', 0))
+  kw['chain'] = bool(kw.get('chain', False))
   return heads_lib.NeighbourHeads(**kw)
 
 
@@ -82,10 +83,12 @@ def init_args(stage, module):
   if stage == 'classifier':
     s = module.image_size
     return (jnp.zeros((1, s, s, module.image_channels), jnp.uint8),)
-  # heads: a hidden state and token embedding (+ each head's context with `context`)
+  # heads: a hidden state and token embedding (+ each head's context with `context`, the
+  # tokens left of their targets with `chain`)
   k = module.num_horizontal + module.num_vertical
-  ctx = (jnp.zeros((1, k, module.context, module.dim)),) * 2
-  return (jnp.zeros((1, module.dim)), jnp.zeros((1, module.dim))) + (ctx if module.context else ())
+  ctx = (jnp.zeros((1, k, module.context, module.dim)),) * 2 if module.context else (None,) * 2
+  left = (jnp.zeros((1, k, module.dim)),) if module.chain else ()
+  return (jnp.zeros((1, module.dim)), jnp.zeros((1, module.dim))) + ctx + left
 
 
 def boxed_abstract_params(stage, module):

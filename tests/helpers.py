@@ -70,20 +70,22 @@ def head_params(heads, key, copy=False):
   params = init_params(heads, key, *pretrained.init_args('heads', heads))
   if not copy:
     return params
-  rows = params['horizontal_1']['w0']['kernel'].shape[0]  # (2 + 2 * context) * D
-  eye = jnp.concatenate([jnp.eye(heads.dim), jnp.zeros((rows - heads.dim, heads.dim))])
-  return {name: dict(p, w0={'kernel': p['w0']['kernel'] + eye}) for name, p in params.items()}
+  def eye(rows):  # rows = (2 + 2 * context [+ 1 with chain]) * D
+    return jnp.concatenate([jnp.eye(heads.dim), jnp.zeros((rows - heads.dim, heads.dim))])
+
+  return {name: dict(p, w0={'kernel': p['w0']['kernel'] + eye(p['w0']['kernel'].shape[0])})
+          for name, p in params.items()}
 
 
 def heads_bundle(vocab, grid, seed=0, sharpen=8.0, embed_scale=1.0, num_horizontal=3,
                  copy=True, num_layers=2, dim=32, num_heads=2, mlp_dim=64, with_codes=False,
-                 context=0):
+                 context=0, chain=False):
   """A random backbone with neighbour heads (and a random codebook when with_codes)."""
   keys = jax.random.split(jax.random.key(seed), 3)
   model = tiny_model(vocab, grid, num_layers=num_layers, dim=dim, num_heads=num_heads,
                      mlp_dim=mlp_dim)
   heads = heads_lib.NeighbourHeads(num_horizontal=num_horizontal, num_vertical=1, dim=dim,
-                                   mlp_dim=32, context=context)
+                                   mlp_dim=32, context=context, chain=chain)
   tok = tok_params = None
   if with_codes:  # only the codebook is read by the methods that measure in it
     tok = vq.VQTokenizer(codebook_size=vocab, code_dim=4, channels=8, num_res_blocks=1)

@@ -64,6 +64,13 @@ def bundle():
 
 
 @pytest.fixture(scope='module')
+def chain_bundle():
+  """The same backbone with chain heads (each draft conditions on the one before it)."""
+  return helpers.heads_bundle(VOCAB, GRID, sharpen=12.0, num_horizontal=2, copy=False,
+                              num_layers=1, dim=16, mlp_dim=32, with_codes=True, chain=True)
+
+
+@pytest.fixture(scope='module')
 def exact(bundle):
   """setting name -> exact probabilities [4096] of every grid for class LABEL."""
   return {name: helpers.exact_distribution(bundle, s, LABEL) for name, s in SETTINGS.items()}
@@ -90,6 +97,12 @@ def test_speculative_samples_the_exact_distribution(bundle, exact, name):
   print(f'accepted drafts {accepted:.2f} of tokens, {stats["sample_passes"].mean():.2f} '
         'passes per sample')
   assert 0.2 < accepted < 0.8, 'both acceptance and rejection must be common to test both'
+  assert all(ok for _, ok in report.values()), helpers.format_report(report)
+
+
+def test_speculative_with_chain_heads_samples_the_exact_distribution(chain_bundle, exact):
+  report, stats = report_for(chain_bundle, exact, 'speculative', 'cfg_top_k_top_p', OPTIONS)
+  assert stats['accepted_drafts'].sum() > 0.2 * N_SAMPLES
   assert all(ok for _, ok in report.values()), helpers.format_report(report)
 
 

@@ -9,6 +9,7 @@ import pytest
 
 import helpers  # pylint: disable=g-bad-import-order
 from ssd_jax.decoding import drafts
+from ssd_jax.decoding import engine
 from ssd_jax.decoding import sampling as sampling_lib
 from ssd_jax.decoding import target as target_lib
 from ssd_jax.models import heads as heads_lib
@@ -57,9 +58,10 @@ def test_decoding_feeds_what_training_fed(tiny):
   target = target_lib.Target(tiny.model, sampling_lib.Sampling(temperature=1.0, cfg_scale=1.0))
   drafter = drafts.HeadDrafter(target, tiny.stage('heads').module, horizontal_first=2)
   params = {'ar': tiny.params, 'heads': tiny.stage('heads').params}
+  keys = engine.image_keys(0, 0, len(LABELS))
   for n in range(1, h * w):
-    q, valid = drafter.block(params, jnp.asarray(tokens), hidden,
-                             jnp.full((len(LABELS),), n), 4)
+    q, valid, _ = drafter.block(params, jnp.asarray(tokens), hidden,
+                                jnp.full((len(LABELS),), n), 4, keys)
     q, valid = np.asarray(q), np.asarray(valid)
     last = n - 1
     for d in range(1, 5):
@@ -76,7 +78,7 @@ def test_decoding_feeds_what_training_fed(tiny):
         want = q_train[:, above, 3]                   # the vertical head above
       np.testing.assert_allclose(q[:, d - 1], want, atol=2e-5, err_msg=f'n={n} d={d}')
   for y in range(1, h):
-    q = drafter.row(params, jnp.asarray(tokens), hidden, jnp.full((len(LABELS),), y))
+    q, _ = drafter.row(params, jnp.asarray(tokens), hidden, jnp.full((len(LABELS),), y), keys)
     np.testing.assert_allclose(q, q_train[:, (y - 1) * w:y * w, 3], atol=2e-5)
 
 
@@ -93,7 +95,8 @@ def test_block_waits_for_the_right_neighbour(tiny):
   target_pos = 2 * w + 1
   for n, want in ((w + 2, False), (w + 3, False), (w + 4, True)):  # last = (1, 1) .. (1, 3)
     k = target_pos - n + 1
-    _, valid = drafter.block(params, jnp.asarray(tokens), hidden, jnp.array([n]), k)
+    _, valid, _ = drafter.block(params, jnp.asarray(tokens), hidden, jnp.array([n]), k,
+                                engine.image_keys(0, 0, 1))
     assert bool(valid[0, k - 1]) == want, n
 
 

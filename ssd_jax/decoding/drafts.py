@@ -7,13 +7,17 @@ vertical head 1 at the position straight above, j - W (when that one is committe
 Heads with context C also get the states and embeddings of C committed positions next to
 their target (models/heads.py): (y - 1, x + k ...) for horizontal head k, (y, x + 1 ...)
 for the vertical head; a vertical draft whose context is not all committed is not made.
-Draft distributions go through the target's own CFG and sampling processing.
+Chain heads also get the token left of their target: the draft made just before (or the
+committed token), so they draft one position at a time. Draft distributions go through
+the target's own CFG and sampling processing.
 """
 
 import dataclasses
 
+import jax
 import jax.numpy as jnp
 
+from ssd_jax.decoding import keys as keys_lib
 from ssd_jax.decoding import registry
 from ssd_jax.decoding import target as target_lib
 from ssd_jax.decoding.state import gather
@@ -66,12 +70,15 @@ class HeadDrafter:
   def _emb(self, params, tokens):
     return self.target.embed(params['ar'], jnp.maximum(tokens, 0))
 
-  def _apply(self, params, method, hidden, emb, ctx=()):
-    """hidden [G, B, ..., D], emb [B, ..., D], ctx () or (hidden, emb) of the context."""
+  def _apply(self, params, method, hidden, emb, ctx=(), left=None):
+    """hidden [G, B, ..., D], emb and left (the chain's token left of the target) [B, ...,
+    D], ctx () or (hidden, emb) of the context."""
     emb = jnp.broadcast_to(emb, hidden.shape)
-    if ctx:
-      ctx = (ctx[0], jnp.broadcast_to(ctx[1], ctx[0].shape))
-    return self.heads.apply({'params': params['heads']}, hidden, emb, *ctx, method=method)
+    ctx = (ctx[0], jnp.broadcast_to(ctx[1], ctx[0].shape)) if ctx else (None, None)
+    if left is not None:
+      left = jnp.broadcast_to(left, hidden.shape)
+    return self.heads.apply({'params': params['heads']}, hidden, emb, *ctx, left_emb=left,
+                            method=method)
 
   def _context(self, params, tokens, hidden, idx, ok):
     """Context (hidden [G, B, K, C, D], emb [B, K, C, D]) at positions idx [B, K, C], zero
@@ -85,28 +92,28 @@ class HeadDrafter:
     ctx_e = self._emb(params, gather(tokens, flat, axis=1)).reshape(idx.shape + (-1,))
     return ctx_h * mask, ctx_e * mask
 
-  def block(self, params, tokens, hidden, n, k):
+  def block(self, params, tokens, hidden, n, k, keys):
     """Drafts for positions n .. n+k-1 of each sample.
 
-    tokens [B, N], hidden [G, B, N, D], n [B] committed counts (>= 1) ->
-    (q [B, k, V], valid [B, k]): valid is False where no head reaches the position.
+    tokens [B, N], hidden [G, B, N, D], n [B] committed counts (>= 1), keys [B] of this
+    pass's draft stream -> (q [B, k, V], valid [B, k], draft [B, k] drawn from q): valid is
+    False where no head reaches the position. Chain heads draft one position at a time,
+    each from the draft before it (position j with fold_in(keys, j)).
     """
     grid_w = self.target.model.grid[1]
     num_tokens = tokens.shape[1]
     last = n - 1                                                  # [B]
     pos = n[:, None] + jnp.arange(k)[None]                        # [B, k]
     dist = jnp.arange(1, k + 1)[None]                             # [1, k]
-    # Horizontal: all k_h heads at the last committed position.
-    src_h = gather(hidden, last[:, None], axis=2)[:, :, 0]        # [G, B, D]
-    emb_h = self._emb(params, gather(tokens, last[:, None], axis=1)[:, 0])
     kh = self.heads.num_horizontal
     c = jnp.arange(self.heads.context)[None, None]                  # [1, 1, C]
+    # Horizontal: head d at the last committed position, context from the row above.
+    src_h = gather(hidden, last[:, None], axis=2)[:, :, 0]        # [G, B, D]
+    emb_h = self._emb(params, gather(tokens, last[:, None], axis=1)[:, 0])
     ahead = jnp.arange(1, kh + 1)[None, :, None] + c                # [1, kh, C] k + j
     above_h = last[:, None, None] - grid_w + ahead                  # [B, kh, C] row above
     ctx_ok = (last[:, None, None] >= grid_w) & ((last % grid_w)[:, None, None] + ahead < grid_w)
     ctx_h = self._context(params, tokens, hidden, above_h, ctx_ok)
-    hor = self._apply(params, self.heads.all_horizontal, src_h, emb_h, ctx_h)  # [G, B, kh, D]
-    hor = gather(hor, jnp.broadcast_to(jnp.minimum(dist, kh) - 1, pos.shape), axis=2)
     hor_ok = (dist <= kh) & ((last % grid_w)[:, None] + dist < grid_w)
     # Vertical: head 1 at the position above each drafted one.
     above = pos - grid_w
@@ -114,16 +121,41 @@ class HeadDrafter:
     emb_v = self._emb(params, gather(tokens, above, axis=1))
     right = (above % grid_w)[..., None] + 1 + c < grid_w          # [B, k, C] on the grid
     ctx_v = self._context(params, tokens, hidden, above[..., None] + 1 + c, right)
-    ver = self._apply(params, self.heads.first_vertical, src_v, emb_v, ctx_v)
     # The source must be committed, and with context the positions right of it too.
     ver_ok = (above >= 0) & (above + jnp.sum(right, -1) <= last[:, None])
     use_h = hor_ok & ((dist <= self.horizontal_first) | ~ver_ok)
-    pred = jnp.where(use_h[None, ..., None], hor, ver)            # [G, B, k, D]
     valid = (hor_ok | ver_ok) & (pos < num_tokens)
-    return self.target.draft_probs(params['ar'], pred), valid
+    if not self.heads.chain:
+      hor = self._apply(params, self.heads.all_horizontal, src_h, emb_h, ctx_h)  # [G, B, kh, D]
+      hor = gather(hor, jnp.broadcast_to(jnp.minimum(dist, kh) - 1, pos.shape), axis=2)
+      ver = self._apply(params, self.heads.first_vertical, src_v, emb_v, ctx_v)
+      pred = jnp.where(use_h[None, ..., None], hor, ver)          # [G, B, k, D]
+      q = self.target.draft_probs(params['ar'], pred)
+      return q, valid, self.target.sample(keys, q)
+    # Chain: position j's left neighbour is draft j - 1 (the last committed token for j = 0;
+    # nothing for a vertical draft in column 0).
+    prev = gather(tokens, last[:, None], axis=1)[:, 0]            # [B]
+    qs, drafts = [], []
+    for j in range(k):  # k is small and static: unrolled
+      left = self._emb(params, prev) * (pos[:, j] % grid_w > 0)[:, None]  # [B, D]
+      pick = lambda ctx, i, j=j: tuple(x[..., i, :, :] for x in ctx)
+      ver = self._apply(params, self.heads.first_vertical, src_v[:, :, j], emb_v[:, j],
+                        pick(ctx_v, j), left=left)
+      if j < kh:
+        one = lambda heads, *a, d=j + 1, **kw: heads.one_horizontal(d, *a, **kw)
+        hor = self._apply(params, one, src_h, emb_h, pick(ctx_h, j), left=left)
+        ver = jnp.where(use_h[None, :, j, None], hor, ver)        # [G, B, D]
+      q = self.target.draft_probs(params['ar'], ver)              # [B, V]
+      prev = self.target.sample(keys_lib.fold(keys, j), q)
+      qs.append(q)
+      drafts.append(prev)
+    return jnp.stack(qs, 1), valid, jnp.stack(drafts, 1)
 
-  def row(self, params, tokens, hidden, y):
-    """Vertical-head drafts for the whole row y [B] from row y - 1: q [B, W, V]."""
+  def row(self, params, tokens, hidden, y, keys):
+    """Vertical-head drafts for the whole row y [B] from row y - 1, keys [B] of the row's
+    draft stream -> (q [B, W, V], row [B, W] drawn from q). Chain heads draft left to right
+    from token (y, 0) (committed: drafts start at column 1), column x with
+    fold_in(keys, x)."""
     grid_w = self.target.model.grid[1]
     above = (y - 1)[:, None] * grid_w + jnp.arange(grid_w)[None]  # [B, W]
     src = gather(hidden, above, axis=2)
@@ -132,5 +164,23 @@ class HeadDrafter:
     on_grid = jnp.arange(grid_w)[:, None] + ahead < grid_w        # [W, C]
     ctx = self._context(params, tokens, hidden, above[..., None] + ahead,
                         jnp.broadcast_to(on_grid, above.shape + ahead.shape))
-    ver = self._apply(params, self.heads.first_vertical, src, emb, ctx)
-    return self.target.draft_probs(params['ar'], ver)
+    if not self.heads.chain:
+      ver = self._apply(params, self.heads.first_vertical, src, emb, ctx)
+      q = self.target.draft_probs(params['ar'], ver)
+      return q, self.target.sample(keys, q)
+    # A scan over columns (the row may be long): the column axis leads.
+    cols = lambda x, axis: jnp.moveaxis(x, axis, 0)
+    xs = (cols(src, 2), cols(emb, 1), tuple(cols(x, x.ndim - 3) for x in ctx),
+          jnp.arange(grid_w))
+    first = gather(tokens, y[:, None] * grid_w, axis=1)[:, 0]     # [B] token (y, 0)
+
+    def step(prev, x):
+      src_x, emb_x, ctx_x, col = x
+      left = self._emb(params, prev) * (col > 0)
+      q = self.target.draft_probs(params['ar'], self._apply(
+          params, self.heads.first_vertical, src_x, emb_x, ctx_x, left=left))  # [B, V]
+      tok = jnp.where(col > 0, self.target.sample(keys_lib.fold(keys, col), q), prev)
+      return tok, (q, tok)
+
+    _, (q, row) = jax.lax.scan(step, first, xs)
+    return jnp.moveaxis(q, 0, 1), jnp.moveaxis(row, 0, 1)

@@ -47,13 +47,18 @@ def head_outputs(model, heads, backbone, head_params, tokens, labels):
   _, hidden = model.apply({'params': backbone}, tokens, labels)
   hidden = jax.lax.stop_gradient(hidden)
   emb = model.apply({'params': backbone}, tokens, method=model.embed_tokens)
-  ctx = ()
   if heads.context:
     idx, ok = heads_lib.context_index(model.grid, heads.num_horizontal, heads.num_vertical,
                                       heads.context)
     ok = jnp.asarray(ok)[None, ..., None]                                # [1, N, K, C, 1]
     ctx = (hidden[:, idx] * ok, emb[:, idx] * ok)                         # [B, N, K, C, D]
-  hor, ver = heads.apply({'params': head_params}, hidden, emb, *ctx)
+  else:
+    ctx = (None, None)
+  left = ()
+  if heads.chain:
+    idx, ok = heads_lib.left_index(model.grid, heads.num_horizontal, heads.num_vertical)
+    left = (emb[:, idx] * jnp.asarray(ok)[None, ..., None],)              # [B, N, K, D]
+  hor, ver = heads.apply({'params': head_params}, hidden, emb, *ctx, *left)
   pred = jnp.concatenate([hor, ver], axis=2)
   target, valid = neighbour_targets(hidden, model.grid, heads)
   return pred, target, valid

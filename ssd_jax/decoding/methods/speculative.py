@@ -22,9 +22,9 @@ def draft_block(target, drafter, params, keys, s, k, limit):
   """Drafts k tokens after each prefix (positions below `limit` [B]) -> (block [B, k + 1]:
   the last committed token then the drafts, slots [B, k + 1], (q [B, k, V], valid, draft))."""
   n = s.length
-  q, valid = drafter.block(params, s.tokens, s.hidden, n, k)       # [B, k, V], [B, k]
+  q, valid, draft = drafter.block(params, s.tokens, s.hidden, n, k, keys_lib.pass_keys(
+      keys, s.passes, keys_lib.Stream.DRAFT))                      # [B, k, V], [B, k] x 2
   valid = valid & (n[:, None] + jnp.arange(k)[None] < limit[:, None])
-  draft = target.sample(keys_lib.pass_keys(keys, s.passes, keys_lib.Stream.DRAFT), q)
   block = jnp.concatenate([state_lib.last_token(s), draft], axis=1)
   slots = target.prefix_len + n[:, None] - 1 + jnp.arange(k + 1)[None]
   return block, slots, (q, valid, draft)

@@ -3,7 +3,8 @@
 Row 0 is decoded with exact speculative steps whose drafts stay inside row 0 (horizontal
 heads). Every later row y is then handled in 1 + r target passes:
   * token (y, 0) is sampled exactly from p, which the pass that committed row y - 1
-    produced; the vertical heads draft (y, 1..W-1) at once from row y - 1;
+    produced; the vertical head drafts (y, 1..W-1) from row y - 1 (chain heads left to
+    right from token (y, 0), each draft seeing the one before it);
   * r rounds, one pass each, feed the whole current row and check every position
     independently: accept with min(1, p/q), else resample from the residual; the corrected
     row is the next draft and this round's p is its q (as in Jacobi decoding);
@@ -85,8 +86,8 @@ def decode_rows(target, drafter, params, keys, s, rounds):
     s, own = carry
     start = y * w
     slots = target.prefix_len + start + jnp.broadcast_to(cols, (b, w))
-    q = drafter.row(params, s.tokens, s.hidden, jnp.full((b,), y))     # [B, W, V]
-    row = target.sample(keys_lib.pass_keys(keys, own, Stream.ROW_DRAFT), q)
+    q, row = drafter.row(params, s.tokens, s.hidden, jnp.full((b,), y),
+                         keys_lib.pass_keys(keys, own, Stream.ROW_DRAFT))  # [B, W, V], [B, W]
     row = row.at[:, 0].set(jax.lax.dynamic_index_in_dim(s.tokens, start, 1, False))
 
     def round_body(_, carry):
