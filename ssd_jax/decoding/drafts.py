@@ -153,9 +153,9 @@ class HeadDrafter:
 
   def row(self, params, tokens, hidden, y, keys):
     """Vertical-head drafts for the whole row y [B] from row y - 1, keys [B] of the row's
-    draft stream -> (q [B, W, V], row [B, W] drawn from q). Chain heads draft left to right
-    from token (y, 0) (committed: drafts start at column 1), column x with
-    fold_in(keys, x)."""
+    draft stream -> (q [B, W, V], row [B, W] drawn from q). Token (y, 0) is committed
+    already, so column 0 is the caller's: chain heads draft columns 1.. left to right from
+    it (column x with fold_in(keys, x); their q[:, 0] is zero and row[:, 0] that token)."""
     grid_w = self.target.model.grid[1]
     above = (y - 1)[:, None] * grid_w + jnp.arange(grid_w)[None]  # [B, W]
     src = gather(hidden, above, axis=2)
@@ -168,19 +168,21 @@ class HeadDrafter:
       ver = self._apply(params, self.heads.first_vertical, src, emb, ctx)
       q = self.target.draft_probs(params['ar'], ver)
       return q, self.target.sample(keys, q)
-    # A scan over columns (the row may be long): the column axis leads.
-    cols = lambda x, axis: jnp.moveaxis(x, axis, 0)
+    # A scan over columns 1.. (the row may be long): the column axis leads.
+    cols = lambda x, axis: jnp.moveaxis(x, axis, 0)[1:]
     xs = (cols(src, 2), cols(emb, 1), tuple(cols(x, x.ndim - 3) for x in ctx),
-          jnp.arange(grid_w))
+          jnp.arange(1, grid_w))
     first = gather(tokens, y[:, None] * grid_w, axis=1)[:, 0]     # [B] token (y, 0)
 
     def step(prev, x):
       src_x, emb_x, ctx_x, col = x
-      left = self._emb(params, prev) * (col > 0)
       q = self.target.draft_probs(params['ar'], self._apply(
-          params, self.heads.first_vertical, src_x, emb_x, ctx_x, left=left))  # [B, V]
-      tok = jnp.where(col > 0, self.target.sample(keys_lib.fold(keys, col), q), prev)
+          params, self.heads.first_vertical, src_x, emb_x, ctx_x,
+          left=self._emb(params, prev)))                          # [B, V]
+      tok = self.target.sample(keys_lib.fold(keys, col), q)
       return tok, (q, tok)
 
-    _, (q, row) = jax.lax.scan(step, first, xs)
+    _, (q, row) = jax.lax.scan(step, first, xs)                 # [W - 1, B, ...]
+    q = jnp.concatenate([jnp.zeros_like(q[:1]), q], 0)
+    row = jnp.concatenate([first[None], row], 0)
     return jnp.moveaxis(q, 0, 1), jnp.moveaxis(row, 0, 1)
