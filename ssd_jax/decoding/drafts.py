@@ -182,7 +182,9 @@ class HeadDrafter:
       tok = self.target.sample(keys_lib.fold(keys, col), q)
       return tok, (q, tok)
 
-    _, (q, row) = jax.lax.scan(step, first, xs)                 # [W - 1, B, ...]
+    # Unrolled: each step is a few tiny kernels, and XLA:CPU's per-iteration overhead made
+    # a rolled scan cost ~0.14 ms per column at batch 1 (SSD r = 1: +40% per pass).
+    _, (q, row) = jax.lax.scan(step, first, xs, unroll=True)    # [W - 1, B, ...]
     q = jnp.concatenate([jnp.zeros_like(q[:1]), q], 0)
     row = jnp.concatenate([first[None], row], 0)
     return jnp.moveaxis(q, 0, 1), jnp.moveaxis(row, 0, 1)
