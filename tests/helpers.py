@@ -77,6 +77,19 @@ def head_params(heads, key, copy=False):
           for name, p in params.items()}
 
 
+def heads_teacher_forced(bundle, tokens, labels):
+  """Hidden states [1, B, N, D] that predicted each token, and the heads' training-time
+  drafts q [B, N, K, V] (no CFG, temperature 1) on the grids `tokens` [B, N]."""
+  from ssd_jax.training import heads_stage  # pylint: disable=g-import-not-at-top
+  model, stage = bundle.model, bundle.stage('heads')
+  tokens, labels = jnp.asarray(tokens), jnp.asarray(labels)
+  pred, _, _ = heads_stage.head_outputs(model, stage.module, bundle.params, stage.params,
+                                        tokens, labels)
+  _, hidden = model.apply({'params': bundle.params}, tokens, labels)
+  logits = model.apply({'params': bundle.params}, pred, method=model.logits_from_hidden)
+  return hidden[None], jax.nn.softmax(logits, -1)
+
+
 def heads_bundle(vocab, grid, seed=0, sharpen=8.0, embed_scale=1.0, num_horizontal=3,
                  copy=True, num_layers=2, dim=32, num_heads=2, mlp_dim=64, with_codes=False,
                  context=0, chain=False):

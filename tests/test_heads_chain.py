@@ -1,7 +1,7 @@
 """Chain heads (models/heads.py `chain`): each head also sees the token left of its target.
 Training feeds the data token there, decoding the draft made just before it: fed the
 drafts as data, training's distributions are decoding's. Speculative decoding through a
-chain stays exact (greedy equality here; the sampled distribution in
+chain stays exact (greedy equality in test_heads_context.py, the sampled distribution in
 test_decoding_distribution.py), and a warm start from heads without it changes nothing
 until it trains."""
 
@@ -39,24 +39,13 @@ def test_left_index():
   assert not ok[9, 2]       # vertical target (3, 1): off the grid
 
 
-def teacher_forced_q(bundle, tokens, labels):
-  """Training's drafts q [B, N, K, V] (no CFG, temperature 1) and the hidden states [1, B,
-  N, D] that predicted each token."""
-  model, stage = bundle.model, bundle.stage('heads')
-  pred, _, _ = heads_stage.head_outputs(model, stage.module, bundle.params, stage.params,
-                                        jnp.asarray(tokens), jnp.asarray(labels))
-  _, hidden = model.apply({'params': bundle.params}, jnp.asarray(tokens), jnp.asarray(labels))
-  logits = model.apply({'params': bundle.params}, pred, method=model.logits_from_hidden)
-  return jax.nn.softmax(logits, -1), hidden[None]
-
-
 def test_chain_drafts_are_what_training_fed(tiny):
   """Put each pass's drafts into the grid as data: training's q there is the q decoding
   drew them from, for every head choice (horizontal, vertical, column 0) and every row."""
   h, w = GRID
   n_tok, b, k = h * w, len(LABELS), 4
   tokens = np.random.default_rng(0).integers(0, VOCAB, (b, n_tok)).astype(np.int32)
-  _, hidden = teacher_forced_q(tiny, tokens, LABELS)
+  hidden, _ = helpers.heads_teacher_forced(tiny, tokens, LABELS)
   target = target_lib.Target(tiny.model, sampling_lib.Sampling(temperature=1.0, cfg_scale=1.0))
   drafter = drafts.HeadDrafter(target, tiny.stage('heads').module, horizontal_first=2)
   params = {'ar': tiny.params, 'heads': tiny.stage('heads').params}
@@ -68,7 +57,7 @@ def test_chain_drafts_are_what_training_fed(tiny):
     fed = tokens.copy()
     span = min(k, n_tok - n)
     fed[:, n:n + span] = draft[:, :span]
-    q_train, _ = teacher_forced_q(tiny, fed, LABELS)
+    _, q_train = helpers.heads_teacher_forced(tiny, fed, LABELS)
     last = n - 1
     for d in range(1, span + 1):
       pos = last + d
@@ -90,7 +79,7 @@ def test_chain_drafts_are_what_training_fed(tiny):
     assert (row[:, 0] == tokens[:, y * w]).all()   # the chain starts at the committed token
     fed = tokens.copy()
     fed[:, y * w:(y + 1) * w] = row
-    q_train, _ = teacher_forced_q(tiny, fed, LABELS)
+    _, q_train = helpers.heads_teacher_forced(tiny, fed, LABELS)
     np.testing.assert_allclose(q[:, 1:], q_train[:, (y - 1) * w + 1:y * w, 3], atol=2e-5)
 
 
@@ -98,7 +87,7 @@ def test_row_drafts_follow_their_left_neighbour(tiny):
   """The chain is real: changing token (y, 0) changes the drafts after it."""
   h, w = GRID
   tokens = np.random.default_rng(1).integers(0, VOCAB, (len(LABELS), h * w)).astype(np.int32)
-  _, hidden = teacher_forced_q(tiny, tokens, LABELS)
+  hidden, _ = helpers.heads_teacher_forced(tiny, tokens, LABELS)
   target = target_lib.Target(tiny.model, sampling_lib.Sampling(temperature=1.0, cfg_scale=1.0))
   drafter = drafts.HeadDrafter(target, tiny.stage('heads').module)
   params = {'ar': tiny.params, 'heads': tiny.stage('heads').params}
@@ -131,14 +120,3 @@ def test_warm_start_into_a_chain_changes_nothing_until_trained():
   got, _, _ = heads_stage.head_outputs(plain.model, chained, plain.params, warm, tokens,
                                        labels)
   np.testing.assert_allclose(got, want, atol=1e-6)
-
-
-@pytest.mark.parametrize('method,options', [
-    ('speculative', {'draft_len': 4}), ('ssd', {'rounds': GRID[1] - 1})])
-def test_greedy_with_chain_heads_equals_ar(tiny, method, options):
-  sampling = sampling_lib.Sampling(temperature=0.0, cfg_scale=2.0)
-  want, _ = helpers.decode(tiny, 'ar', sampling, LABELS)
-  got, stats = helpers.decode(tiny, method, sampling, LABELS, options=options)
-  helpers.assert_greedy_equal(tiny, got, want, LABELS, 2.0)
-  if method == 'speculative':
-    assert stats['target_passes'].max() < GRID[0] * GRID[1]  # drafts were accepted

@@ -36,25 +36,13 @@ def test_context_index():
   assert not ok[7, 2].any()                        # last column: nothing to its right
 
 
-def teacher_forced(bundle, tokens, labels):
-  """Hidden states [1, B, N, D] that predicted each token, and the heads' training-time
-  drafts q [B, N, K, V] (no CFG, temperature 1)."""
-  model, heads = bundle.model, bundle.stage('heads').module
-  params = bundle.stage('heads').params
-  pred, _, _ = heads_stage.head_outputs(model, heads, bundle.params, params,
-                                        jnp.asarray(tokens), jnp.asarray(labels))
-  _, hidden = model.apply({'params': bundle.params}, jnp.asarray(tokens), jnp.asarray(labels))
-  logits = model.apply({'params': bundle.params}, pred, method=model.logits_from_hidden)
-  return hidden[None], jax.nn.softmax(logits, -1)
-
-
 def test_decoding_feeds_what_training_fed(tiny):
   """drafter.block / drafter.row give the draft distributions head_outputs trains on, at
   every committed length and row: the context positions agree between the two."""
   h, w = GRID
   rng = np.random.default_rng(0)
   tokens = rng.integers(0, VOCAB, (len(LABELS), h * w)).astype(np.int32)
-  hidden, q_train = teacher_forced(tiny, tokens, LABELS)
+  hidden, q_train = helpers.heads_teacher_forced(tiny, tokens, LABELS)
   target = target_lib.Target(tiny.model, sampling_lib.Sampling(temperature=1.0, cfg_scale=1.0))
   drafter = drafts.HeadDrafter(target, tiny.stage('heads').module, horizontal_first=2)
   params = {'ar': tiny.params, 'heads': tiny.stage('heads').params}
@@ -125,9 +113,17 @@ def test_warm_start_changes_nothing_until_trained():
                            stage.params, str(heads_dir))
 
 
+@pytest.fixture(scope='module')
+def tiny_chain():
+  return helpers.heads_bundle(VOCAB, GRID, context=2, chain=True, seed=3)
+
+
+@pytest.mark.parametrize('chain', [False, True])
 @pytest.mark.parametrize('method,options', [
     ('speculative', {'draft_len': 4}), ('ssd', {'rounds': GRID[1] - 1})])
-def test_greedy_with_context_heads_equals_ar(tiny, method, options):
+def test_greedy_with_context_heads_equals_ar(tiny, tiny_chain, chain, method, options):
+  """Also with chain heads (test_heads_chain.py), whose drafts follow the one before."""
+  tiny = tiny_chain if chain else tiny
   sampling = sampling_lib.Sampling(temperature=0.0, cfg_scale=2.0)
   want, _ = helpers.decode(tiny, 'ar', sampling, LABELS)
   got, stats = helpers.decode(tiny, method, sampling, LABELS, options=options)
