@@ -1,9 +1,10 @@
 """Exact speculative decoding with neighbour-head drafts: LOSSLESS.
 
-Each pass: draft k positions after every sample's committed prefix (heads, in parallel),
-verify [last committed token, k drafts] as one block of k + 1 tokens in one target pass,
-keep the drafts up to the first rejection, then one more token: the residual resample at
-the rejection, or the bonus token from the last position when all k stand.
+Each pass: draft k positions after every sample's committed prefix (heads in parallel;
+chain heads one after another, each draft seeing the one before), verify [last committed
+token, k drafts] as one block of k + 1 tokens in one target pass, keep the drafts up to
+the first rejection, then one more token: the residual resample at the rejection, or the
+bonus token from the last position when all k stand.
 
 At temperature 0 the output equals plain AR decoding token for token; under sampling
 its distribution equals the target's (both are tested).
