@@ -108,8 +108,9 @@ class HeadDrafter:
     kh = self.heads.num_horizontal
     c = jnp.arange(self.heads.context)[None, None]                  # [1, 1, C]
     # Horizontal: head d at the last committed position, context from the row above.
+    last_token = gather(tokens, last[:, None], axis=1)[:, 0]     # [B]
     src_h = gather(hidden, last[:, None], axis=2)[:, :, 0]        # [G, B, D]
-    emb_h = self._emb(params, gather(tokens, last[:, None], axis=1)[:, 0])
+    emb_h = self._emb(params, last_token)
     ahead = jnp.arange(1, kh + 1)[None, :, None] + c                # [1, kh, C] k + j
     above_h = last[:, None, None] - grid_w + ahead                  # [B, kh, C] row above
     ctx_ok = (last[:, None, None] >= grid_w) & ((last % grid_w)[:, None, None] + ahead < grid_w)
@@ -134,18 +135,18 @@ class HeadDrafter:
       return q, valid, self.target.sample(keys, q)
     # Chain: position j's left neighbour is draft j - 1 (the last committed token for j = 0;
     # nothing for a vertical draft in column 0).
-    prev = gather(tokens, last[:, None], axis=1)[:, 0]            # [B]
+    prev = last_token
+    pick = lambda ctx, i: tuple(x[..., i, :, :] for x in ctx)     # entry i of a context
     qs, drafts = [], []
     for j in range(k):  # k is small and static: unrolled
       left = self._emb(params, prev) * (pos[:, j] % grid_w > 0)[:, None]  # [B, D]
-      pick = lambda ctx, i, j=j: tuple(x[..., i, :, :] for x in ctx)
-      ver = self._apply(params, self.heads.first_vertical, src_v[:, :, j], emb_v[:, j],
-                        pick(ctx_v, j), left=left)
+      pred = self._apply(params, self.heads.first_vertical, src_v[:, :, j], emb_v[:, j],
+                         pick(ctx_v, j), left=left)
       if j < kh:
         one = lambda heads, *a, d=j + 1, **kw: heads.one_horizontal(d, *a, **kw)
         hor = self._apply(params, one, src_h, emb_h, pick(ctx_h, j), left=left)
-        ver = jnp.where(use_h[None, :, j, None], hor, ver)        # [G, B, D]
-      q = self.target.draft_probs(params['ar'], ver)              # [B, V]
+        pred = jnp.where(use_h[None, :, j, None], hor, pred)      # [G, B, D]
+      q = self.target.draft_probs(params['ar'], pred)             # [B, V]
       prev = self.target.sample(keys_lib.fold(keys, j), q)
       qs.append(q)
       drafts.append(prev)
