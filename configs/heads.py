@@ -44,6 +44,11 @@ def get_config(arg=None):
   config.heads.context = 2  # Committed positions next to its target each head also sees.
   config.heads.chain = True  # Heads also see the token left of their target (a draft chain).
   config.heads.init_from = ''  # Heads stage to start from (context inputs start at zero).
+  config.heads.cfg_scale = 1.0  # > 1: cross-entropy between CFG-guided p and q (both halves).
+  config.heads.samples = 0  # > 0: train on this many AR samples of the backbone, not data.
+  config.heads.samples_dir = ''  # Where those samples go; '' = <workdir>/self_samples.
+  # Seed of those samples: none the benchmarks draw (0, 1; validation 1000, 1001).
+  config.heads.samples_seed = 7777  # Image i is keyed fold_in(key(samples_seed), i).
 
   if arg == 'smoke':
     common.smoke(config)

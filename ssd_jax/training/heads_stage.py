@@ -7,7 +7,16 @@ plus optionally a cross-entropy towards the backbone's token distribution there.
 `context` also get the states and embeddings of committed positions next to their target
 (models/heads.py). `init_from` warm-starts from trained heads with less (or no) context:
 the new input rows of W0 start at zero, so training begins exactly where those heads stand.
+
+Two options bring training closer to what decoding asks of the heads:
+  * `cfg_scale` > 1: every grid runs under its class and the null class, and the
+    cross-entropy is between the CFG-guided p and the guided draft q (what the engine
+    verifies with), not between the conditional ones; `null_fraction` is then unused.
+  * `samples` > 0: train on that many of the backbone's own AR samples (drawn once at
+    `cfg_scale`, training/self_samples.py) instead of the dataset's grids.
 """
+
+import os
 
 import flax.linen as nn
 import jax
@@ -17,9 +26,11 @@ import optax
 
 from ssd_jax import pretrained
 from ssd_jax import sharding
+from ssd_jax.decoding import sampling as sampling_lib
 from ssd_jax.models import heads as heads_lib
 from ssd_jax.training import ar_stage
 from ssd_jax.training import inputs as inputs_lib
+from ssd_jax.training import self_samples
 
 
 def head_names(heads):
@@ -64,6 +75,26 @@ def head_outputs(model, heads, backbone, head_params, tokens, labels):
   return pred, target, valid
 
 
+def distill_losses(model, heads, backbone, head_params, tokens, labels, cfg_scale=1.0):
+  """tokens [B, N], labels [B] -> (Smooth-L1 to the backbone's hidden states, cross-entropy
+  from the backbone's p to the heads' q), averaged over every head's valid positions. With
+  cfg_scale > 1 the grids also run under the null class and the cross-entropy is between the
+  guided distributions (cond first, as the engine's CFG groups)."""
+  if cfg_scale > 1:
+    tokens = jnp.concatenate([tokens, tokens])
+    labels = jnp.concatenate([labels, jnp.full_like(labels, model.null_class)])
+  pred, target, valid = head_outputs(model, heads, backbone, head_params, tokens, labels)
+  weight = jnp.broadcast_to(valid[None], pred.shape[:3]).astype(jnp.float32)  # [G*B, N, K]
+  l1 = jnp.sum(jnp.mean(optax.huber_loss(pred, target), -1) * weight) / jnp.sum(weight)
+  logits = lambda h: model.apply({'params': backbone}, h, method=model.logits_from_hidden)
+  q_logits, p_logits = logits(pred), logits(target)                      # [G*B, N, K, V]
+  if cfg_scale > 1:
+    guide = lambda x: sampling_lib.guide(x.reshape((2, -1) + x.shape[1:]), cfg_scale)
+    q_logits, p_logits, weight = guide(q_logits), guide(p_logits), weight[:len(weight) // 2]
+  ce = -jnp.sum(jax.nn.softmax(p_logits) * jax.nn.log_softmax(q_logits), -1)  # [B, N, K]
+  return l1, jnp.sum(ce * weight) / jnp.sum(weight)
+
+
 def make_stage(config, workdir):
   tok_dir = ar_stage.earlier_stage_dir(config.tokenizer_dir, workdir, 'tokenizer')
   ar_dir = ar_stage.earlier_stage_dir(config.ar_dir, workdir, 'ar')
@@ -72,6 +103,12 @@ def make_stage(config, workdir):
   spec = dict(dim=model.dim, **config.heads.to_dict())
   ce_weight, null_fraction = spec.pop('ce_weight'), spec.pop('null_fraction')
   init_from = spec.pop('init_from', '')
+  cfg_scale, num_samples = spec.pop('cfg_scale', 1.0), spec.pop('samples', 0)
+  samples_dir = spec.pop('samples_dir', '') or os.path.join(workdir, 'self_samples')
+  samples_seed = spec.pop('samples_seed', 7777)
+  if not cfg_scale >= 1 or num_samples < 0:
+    raise ValueError(f'--config.heads.cfg_scale={cfg_scale} must be >= 1 (1 = no guidance) '
+                     f'and --config.heads.samples={num_samples} >= 0 (0 = the dataset).')
   heads = pretrained.heads_module({'heads': spec})
   # Loaded here, not inside init_params (which runs under jit); checked against these heads'
   # shapes now, so a mismatch is refused before any training.
@@ -85,27 +122,18 @@ def make_stage(config, workdir):
                        *pretrained.init_args('heads', heads))['params'], trained, init_from))
   inputs = inputs_lib.StageInputs(config, workdir, tokenizer, tok_spec, tok_params, model,
                                   log=loop.log)
-  logits_fn = lambda p, h: model.apply({'params': p}, h, method=model.logits_from_hidden)
-
   def init_params(key):
     params = heads.init(key, *pretrained.init_args('heads', heads))['params']
     return params if trained is None else warm_start(params, trained, init_from)
 
   def loss_fn(params, frozen, batch, key, extra):
     del extra
-    tokens = inputs.grids(frozen['tokenizer'], batch)
-    # Some null-class grids: CFG drafts from the unconditional half too.
-    labels = jnp.where(jax.random.bernoulli(key, null_fraction, batch['label'].shape),
-                       model.null_class, batch['label'])
-    pred, target, valid = head_outputs(model, heads, frozen['backbone'], params, tokens,
-                                       labels)
-    weight = jnp.broadcast_to(valid[None], pred.shape[:3]).astype(jnp.float32)  # [B, N, K]
-    count = jnp.sum(weight)
-    l1 = jnp.sum(jnp.mean(optax.huber_loss(pred, target), -1) * weight) / count
-    q_logits = logits_fn(frozen['backbone'], pred)
-    p = jax.nn.softmax(logits_fn(frozen['backbone'], target))
-    ce = -jnp.sum(p * jax.nn.log_softmax(q_logits), -1)  # [B, N, K]
-    ce = jnp.sum(ce * weight) / count
+    labels = batch['label']
+    if cfg_scale == 1:  # some null-class grids: CFG drafts from the unconditional half too
+      labels = jnp.where(jax.random.bernoulli(key, null_fraction, labels.shape),
+                         model.null_class, labels)
+    l1, ce = distill_losses(model, heads, frozen['backbone'], params,
+                            inputs.grids(frozen['tokenizer'], batch), labels, cfg_scale)
     metrics = {'smooth_l1': l1, 'ce': ce}
     return l1 + ce_weight * ce, (metrics, None)
 
@@ -113,7 +141,13 @@ def make_stage(config, workdir):
     del stage_dir, mesh
     return evaluate_heads(model, heads, frozen['backbone'], params,
                           lambda batch: inputs.grids(frozen['tokenizer'], batch),
-                          inputs.eval_data())
+                          inputs.eval_data(), cfg_scale=cfg_scale)
+
+  train_source = inputs.train_source
+  if num_samples:
+    train_source = lambda: self_samples.source(
+        model, backbone, ar_spec['transformer'], num_samples, cfg_scale, samples_seed,
+        samples_dir, log=loop.log)
 
   return loop.Stage(name='heads', init_params=init_params, loss_fn=loss_fn,
                     evaluate=evaluate,
@@ -121,33 +155,44 @@ def make_stage(config, workdir):
                     frozen={'tokenizer': {} if inputs.cache else tok_params,
                             'backbone': backbone},
                     spec={'heads': spec, 'backbone': ar_spec['transformer']},
-                    train_source=inputs.train_source)
+                    train_source=train_source)
 
 
-def evaluate_heads(model, heads, backbone, head_params, grids, data, batch_size=250):
-  """Per head on held-out grids: top-1 agreement with the backbone and sum(min(p, q)).
+def evaluate_heads(model, heads, backbone, head_params, grids, data, batch_size=250,
+                   cfg_scale=1.0):
+  """Per head on held-out grids: top-1 agreement with the backbone and sum(min(p, q)), and
+  with cfg_scale > 1 also sum(min(p, q)) of the guided p and q (`acceptance_cfg`).
   `grids` maps a batch of `data` ({'image' or 'tokens', 'label'}) to [B, H*W] tokens."""
+  logits = lambda h: model.apply({'params': backbone}, h, method=model.logits_from_hidden)
 
   @jax.jit
   def batch_stats(batch):
-    pred, target, valid = head_outputs(model, heads, backbone, head_params, grids(batch),
-                                       batch['label'])
-    q = jax.nn.softmax(model.apply({'params': backbone}, pred, method=model.logits_from_hidden))
-    p = jax.nn.softmax(model.apply({'params': backbone}, target,
-                                   method=model.logits_from_hidden))
+    tokens, labels = grids(batch), batch['label']
+    pred, target, valid = head_outputs(model, heads, backbone, head_params, tokens, labels)
+    q, p = jax.nn.softmax(logits(pred)), jax.nn.softmax(logits(target))
     agree = (jnp.argmax(p, -1) == jnp.argmax(q, -1)).astype(jnp.float32)  # [B, N, K]
-    accept = jnp.sum(jnp.minimum(p, q), -1)
+    accept = [jnp.sum(jnp.minimum(p, q), -1)]
+    if cfg_scale > 1:
+      null = head_outputs(model, heads, backbone, head_params, tokens,
+                          jnp.full_like(labels, model.null_class))
+      guided = lambda c, u: jax.nn.softmax(sampling_lib.guide(jnp.stack([c, u]), cfg_scale))
+      accept.append(jnp.sum(jnp.minimum(guided(logits(target), logits(null[1])),
+                                        guided(logits(pred), logits(null[0]))), -1))
     w = jnp.broadcast_to(valid[None], agree.shape).astype(jnp.float32)
-    return jnp.sum(agree * w, (0, 1)), jnp.sum(accept * w, (0, 1)), jnp.sum(w, (0, 1))
+    return [jnp.sum(x * w, (0, 1)) for x in [agree, w] + accept]
 
-  sums = [np.zeros(heads.num_horizontal + heads.num_vertical) for _ in range(3)]
+  sums = None
   for i in range(0, len(data['label']), batch_size):
-    out = batch_stats({k: v[i:i + batch_size] for k, v in data.items()})
-    for s, o in zip(sums, out):
-      s += np.asarray(o)
-  agree, accept, count = sums
-  return {name: {'top1_agreement': float(a / c), 'acceptance': float(p / c)}
-          for name, a, p, c in zip(head_names(heads), agree, accept, count)}
+    out = [np.asarray(o) for o in batch_stats({k: v[i:i + batch_size]
+                                               for k, v in data.items()})]
+    sums = out if sums is None else [s + o for s, o in zip(sums, out)]
+  agree, count, accept = sums[:3]
+  results = {name: {'top1_agreement': float(a / c), 'acceptance': float(p / c)}
+             for name, a, p, c in zip(head_names(heads), agree, accept, count)}
+  if cfg_scale > 1:
+    for name, p, c in zip(head_names(heads), sums[3], count):
+      results[name]['acceptance_cfg'] = float(p / c)
+  return results
 
 
 def warm_start(params, trained, heads_dir):
