@@ -83,9 +83,9 @@ class TokenSource:
     self.chunk_size = chunk_size
     self.num_examples = num_examples
     chunks = -(-num_examples // chunk_size)
-    self.tokens = [np.load(_chunk_path(directory, 'tokens', c), mmap_mode='r')
+    self.tokens = [np.load(chunk_path(directory, 'tokens', c), mmap_mode='r')
                    for c in range(chunks)]
-    self.labels = np.concatenate([np.load(_chunk_path(directory, 'labels', c))
+    self.labels = np.concatenate([np.load(chunk_path(directory, 'labels', c))
                                   for c in range(chunks)])[:num_examples]
 
   def __len__(self):
@@ -104,11 +104,28 @@ class TokenSource:
     return {'tokens': tokens, 'label': self.labels.copy()}
 
 
-def _chunk_path(directory, kind, chunk):
+def chunk_path(directory, kind, chunk):
   return os.path.join(directory, f'{kind}-{chunk:05d}.npy')
 
 
-def _save_atomic(path, array):
+def read_meta(directory, want, what, flag):
+  """The meta.json of a chunked folder (None where there is none yet); a folder made with
+  other settings than `want` is refused, naming them and the `flag` that picks another."""
+  meta_path = os.path.join(directory, 'meta.json')
+  if not os.path.exists(meta_path):
+    return None
+  with open(meta_path) as f:
+    have = json.load(f)
+  differ = [k for k in want if have.get(k) != want[k]]
+  if differ:
+    raise ValueError(
+        f'{directory} holds {what} made with other settings ('
+        + ', '.join(f'{k}: {have.get(k)} there, {want[k]} here' for k in differ)
+        + f'); point {flag} at another folder, or delete that one.')
+  return have
+
+
+def save_atomic(path, array):
   tmp = path + f'.tmp{jax.process_index()}.npy'
   np.save(tmp, array)
   os.replace(tmp, path)
@@ -154,19 +171,8 @@ class TokenCache:
     directory = self.split_dir(split)
     meta_path = os.path.join(directory, 'meta.json')
     want = dict(self.meta(), split=split)
-    if os.path.exists(meta_path):
-      with open(meta_path) as f:
-        have = json.load(f)
-      differ = [k for k in want if have.get(k) != want[k]]
-      if differ:
-        raise ValueError(
-            f'{directory} holds tokens made with other settings ('
-            + ', '.join(f'{k}: {have.get(k)} there, {want[k]} here' for k in differ)
-            + '); point --config.data.tokens_dir at another folder, or delete that one to '
-              're-tokenize.')
-      split_examples = have['split_examples']
-    else:
-      split_examples = None
+    have = read_meta(directory, want, 'tokens', '--config.data.tokens_dir')
+    split_examples = None if have is None else have['split_examples']
     images = None
     if split_examples is None:
       images = pipeline.data_source(self.data_config, split)
@@ -179,7 +185,7 @@ class TokenCache:
         os.replace(tmp, meta_path)
     n = split_examples if limit is None else min(limit, split_examples)
     chunks = range(-(-n // self.chunk_size))
-    missing = [c for c in chunks if not os.path.exists(_chunk_path(directory, 'labels', c))]
+    missing = [c for c in chunks if not os.path.exists(chunk_path(directory, 'labels', c))]
     if missing:
       if images is None:
         images = pipeline.data_source(self.data_config, split)
@@ -188,7 +194,7 @@ class TokenCache:
                      f'{len(chunks)} chunks')
     if jax.process_count() > 1:
       multihost_utils.sync_global_devices(f'tokens {directory}')
-    lost = [c for c in chunks if not os.path.exists(_chunk_path(directory, 'labels', c))]
+    lost = [c for c in chunks if not os.path.exists(chunk_path(directory, 'labels', c))]
     if lost:
       raise FileNotFoundError(
           f'{directory} lacks chunk {lost[0]} after tokenizing: with several processes the '
@@ -234,8 +240,8 @@ class TokenCache:
         batch = np.concatenate([batch, np.zeros((pad,) + batch.shape[1:], np.uint8)])
         tokens = np.concatenate([np.asarray(encode(batch[j:j + step]))
                                  for j in range(0, len(batch), step)])[:len(labels)]
-        _save_atomic(_chunk_path(directory, 'tokens', c), tokens.astype(np.int32))
-        _save_atomic(_chunk_path(directory, 'labels', c), labels)
+        save_atomic(chunk_path(directory, 'tokens', c), tokens.astype(np.int32))
+        save_atomic(chunk_path(directory, 'labels', c), labels)
         done += len(labels)
         rate = done / max(time.time() - t0, 1e-9)
         left = sum(min(self.chunk_size, split_examples - d * self.chunk_size)

@@ -36,23 +36,15 @@ def source(model, backbone, backbone_spec, num, cfg_scale, seed, directory, batc
           'cfg_scale': float(cfg_scale), 'temperature': 1.0, 'seed': int(seed),
           'chunk_size': chunk_size}
   meta_path = os.path.join(directory, 'meta.json')
-  if os.path.exists(meta_path):
-    with open(meta_path) as f:
-      have = json.load(f)
-    differ = [k for k in meta if have.get(k) != meta[k]]
-    if differ:
-      raise ValueError(
-          f'{directory} holds samples made with other settings ('
-          + ', '.join(f'{k}: {have.get(k)} there, {meta[k]} here' for k in differ)
-          + '); point --config.heads.samples_dir at another folder, or delete that one.')
-  elif jax.process_index() == 0:
+  have = tokens_lib.read_meta(directory, meta, 'samples', '--config.heads.samples_dir')
+  if have is None and jax.process_index() == 0:
     os.makedirs(directory, exist_ok=True)
     with open(meta_path + '.tmp', 'w') as f:
       json.dump(meta, f, indent=1)
     os.replace(meta_path + '.tmp', meta_path)
 
   chunks = range(-(-num // chunk_size))
-  path = lambda kind, c: os.path.join(directory, f'{kind}-{c:05d}.npy')
+  path = lambda kind, c: tokens_lib.chunk_path(directory, kind, c)
   missing = [c for c in chunks if not os.path.exists(path('labels', c))
              and c % jax.process_count() == jax.process_index()]
   if missing:
@@ -70,11 +62,11 @@ def source(model, backbone, backbone_spec, num, cfg_scale, seed, directory, batc
         grids.append(np.asarray(decode(label, jax.vmap(lambda j: jax.random.fold_in(base, j))(
             index))).reshape(batch_size, *model.grid))                   # [b, H, W]
         labels.append(np.asarray(label))
-      tokens_lib._save_atomic(path('tokens', c), np.concatenate(grids))  # pylint: disable=protected-access
-      tokens_lib._save_atomic(path('labels', c), np.concatenate(labels))  # pylint: disable=protected-access
+      tokens_lib.save_atomic(path('tokens', c), np.concatenate(grids))
+      tokens_lib.save_atomic(path('labels', c), np.concatenate(labels))
       drawn += len(labels) * batch_size
       rate = drawn / (time.time() - start)
-      log(f'[heads] self-distillation samples: chunk {done + 1}/{len(missing)} in '
+      log(f'AR samples of the backbone: chunk {done + 1}/{len(missing)} in '
           f'{directory} ({rate:.1f} samples/s, ~{(len(missing) - done - 1) * chunk_size / rate:.0f}'
           ' s left)')
   if jax.process_count() > 1:
