@@ -75,22 +75,31 @@ def head_outputs(model, heads, backbone, head_params, tokens, labels):
   return pred, target, valid
 
 
+def both_groups(model, heads, backbone, head_params, tokens, labels, cfg_scale):
+  """head_outputs plus logits, over [cond; null] copies of the grids when cfg_scale > 1 (the
+  engine's CFG group order): (pred, target [G*B, N, K, D], q_logits, p_logits [G*B, N, K, V],
+  valid [N, K], guide: [G*B, ...] logits -> guided [B, ...])."""
+  groups = 2 if cfg_scale > 1 else 1
+  if groups == 2:
+    tokens = jnp.concatenate([tokens, tokens])
+    labels = jnp.concatenate([labels, jnp.full_like(labels, model.null_class)])
+  pred, target, valid = head_outputs(model, heads, backbone, head_params, tokens, labels)
+  logits = lambda h: model.apply({'params': backbone}, h, method=model.logits_from_hidden)
+  guide = lambda x: sampling_lib.guide(x.reshape((groups, -1) + x.shape[1:]), cfg_scale)
+  return pred, target, logits(pred), logits(target), valid, guide
+
+
 def distill_losses(model, heads, backbone, head_params, tokens, labels, cfg_scale=1.0):
   """tokens [B, N], labels [B] -> (Smooth-L1 to the backbone's hidden states, cross-entropy
   from the backbone's p to the heads' q), averaged over every head's valid positions. With
   cfg_scale > 1 the grids also run under the null class and the cross-entropy is between the
-  guided distributions (cond first, as the engine's CFG groups)."""
-  if cfg_scale > 1:
-    tokens = jnp.concatenate([tokens, tokens])
-    labels = jnp.concatenate([labels, jnp.full_like(labels, model.null_class)])
-  pred, target, valid = head_outputs(model, heads, backbone, head_params, tokens, labels)
+  guided distributions."""
+  pred, target, q_logits, p_logits, valid, guide = both_groups(
+      model, heads, backbone, head_params, tokens, labels, cfg_scale)
   weight = jnp.broadcast_to(valid[None], pred.shape[:3]).astype(jnp.float32)  # [G*B, N, K]
   l1 = jnp.sum(jnp.mean(optax.huber_loss(pred, target), -1) * weight) / jnp.sum(weight)
-  logits = lambda h: model.apply({'params': backbone}, h, method=model.logits_from_hidden)
-  q_logits, p_logits = logits(pred), logits(target)                      # [G*B, N, K, V]
-  if cfg_scale > 1:
-    guide = lambda x: sampling_lib.guide(x.reshape((2, -1) + x.shape[1:]), cfg_scale)
-    q_logits, p_logits, weight = guide(q_logits), guide(p_logits), weight[:len(weight) // 2]
+  p_logits, q_logits = guide(p_logits), guide(q_logits)                  # [B, N, K, V]
+  weight = weight[:p_logits.shape[0]]
   ce = -jnp.sum(jax.nn.softmax(p_logits) * jax.nn.log_softmax(q_logits), -1)  # [B, N, K]
   return l1, jnp.sum(ce * weight) / jnp.sum(weight)
 
@@ -163,21 +172,19 @@ def evaluate_heads(model, heads, backbone, head_params, grids, data, batch_size=
   """Per head on held-out grids: top-1 agreement with the backbone and sum(min(p, q)), and
   with cfg_scale > 1 also sum(min(p, q)) of the guided p and q (`acceptance_cfg`).
   `grids` maps a batch of `data` ({'image' or 'tokens', 'label'}) to [B, H*W] tokens."""
-  logits = lambda h: model.apply({'params': backbone}, h, method=model.logits_from_hidden)
 
   @jax.jit
   def batch_stats(batch):
-    tokens, labels = grids(batch), batch['label']
-    pred, target, valid = head_outputs(model, heads, backbone, head_params, tokens, labels)
-    q, p = jax.nn.softmax(logits(pred)), jax.nn.softmax(logits(target))
+    labels = batch['label']
+    _, _, q_logits, p_logits, valid, guide = both_groups(
+        model, heads, backbone, head_params, grids(batch), labels, cfg_scale)
+    b = labels.shape[0]
+    q, p = jax.nn.softmax(q_logits[:b]), jax.nn.softmax(p_logits[:b])   # [B, N, K, V]
     agree = (jnp.argmax(p, -1) == jnp.argmax(q, -1)).astype(jnp.float32)  # [B, N, K]
     accept = [jnp.sum(jnp.minimum(p, q), -1)]
     if cfg_scale > 1:
-      null = head_outputs(model, heads, backbone, head_params, tokens,
-                          jnp.full_like(labels, model.null_class))
-      guided = lambda c, u: jax.nn.softmax(sampling_lib.guide(jnp.stack([c, u]), cfg_scale))
-      accept.append(jnp.sum(jnp.minimum(guided(logits(target), logits(null[1])),
-                                        guided(logits(pred), logits(null[0]))), -1))
+      accept.append(jnp.sum(jnp.minimum(jax.nn.softmax(guide(p_logits)),
+                                        jax.nn.softmax(guide(q_logits))), -1))
     w = jnp.broadcast_to(valid[None], agree.shape).astype(jnp.float32)
     return [jnp.sum(x * w, (0, 1)) for x in [agree, w] + accept]
 
