@@ -3,12 +3,12 @@
 
 import os
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import helpers
+from ssd_jax.decoding import engine
 from ssd_jax.decoding import sampling as sampling_lib
 from ssd_jax.decoding import target as target_lib
 from ssd_jax.decoding.methods import ar
@@ -32,11 +32,10 @@ def test_samples_are_the_backbones_and_resume(tiny, tmp_path):
       model, params, {'w': 1}, 20, cfg, 5, directory, batch_size=4, chunk_size=8, log=log)
   got = make(2.0).arrays()
   assert got['tokens'].shape == (20,) + GRID and len(logs) == 3
-  index = jnp.arange(20)
-  labels = (index % model.num_classes).astype(jnp.int32)
-  keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.key(5), i))(index)
+  # sample.py's classes and keys for images 0..19 at seed 5.
+  labels = engine.class_labels(20, model.num_classes)
   target = target_lib.Target(model, sampling_lib.Sampling(temperature=1.0, cfg_scale=2.0))
-  want, _ = ar.decode_ar(target, params, labels, keys)
+  want, _ = ar.decode_ar(target, params, labels, engine.image_keys(5, 0, 20))
   np.testing.assert_array_equal(got['tokens'].reshape(20, -1), want)
   np.testing.assert_array_equal(got['label'], labels)
 

@@ -12,18 +12,18 @@ into `directory` in chunks a rerun resumes at, and returns them as a tokens.Toke
 backbone or setting is refused, never mixed.
 """
 
-import json
 import os
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from ssd_jax.data import tokens as tokens_lib
+from ssd_jax.decoding import engine
 from ssd_jax.decoding import sampling as sampling_lib
 from ssd_jax.decoding import target as target_lib
 from ssd_jax.decoding.methods import ar
+from ssd_jax.training import checkpoint
 
 
 def source(model, backbone, backbone_spec, num, cfg_scale, seed, directory, batch_size=64,
@@ -35,13 +35,8 @@ def source(model, backbone, backbone_spec, num, cfg_scale, seed, directory, batc
   meta = {'backbone': tokens_lib.fingerprint(backbone_spec, backbone), 'grid': list(model.grid),
           'cfg_scale': float(cfg_scale), 'temperature': 1.0, 'seed': int(seed),
           'chunk_size': chunk_size}
-  meta_path = os.path.join(directory, 'meta.json')
-  have = tokens_lib.read_meta(directory, meta, 'samples', '--config.heads.samples_dir')
-  if have is None and jax.process_index() == 0:
-    os.makedirs(directory, exist_ok=True)
-    with open(meta_path + '.tmp', 'w') as f:
-      json.dump(meta, f, indent=1)
-    os.replace(meta_path + '.tmp', meta_path)
+  if tokens_lib.read_meta(directory, meta, 'samples', '--config.heads.samples_dir') is None:
+    checkpoint.save_json(os.path.join(directory, 'meta.json'), meta)  # process 0 writes
 
   chunks = range(-(-num // chunk_size))
   path = lambda kind, c: tokens_lib.chunk_path(directory, kind, c)
@@ -51,17 +46,16 @@ def source(model, backbone, backbone_spec, num, cfg_scale, seed, directory, batc
     target = target_lib.Target(model, sampling_lib.Sampling(temperature=1.0,
                                                             cfg_scale=float(cfg_scale)))
     decode = jax.jit(lambda labels, keys: ar.decode_ar(target, backbone, labels, keys)[0])
-    base = jax.random.key(seed)
+    drawn_total = -(-num // batch_size) * batch_size
+    all_labels = engine.class_labels(drawn_total, model.num_classes)     # classes cycled
     start, drawn = time.time(), 0
     for done, c in enumerate(missing):
       grids, labels = [], []
-      stop = min((c + 1) * chunk_size, -(-num // batch_size) * batch_size)
-      for i in range(c * chunk_size, stop, batch_size):
-        index = jnp.arange(i, i + batch_size)
-        label = (index % model.num_classes).astype(jnp.int32)
-        grids.append(np.asarray(decode(label, jax.vmap(lambda j: jax.random.fold_in(base, j))(
-            index))).reshape(batch_size, *model.grid))                   # [b, H, W]
-        labels.append(np.asarray(label))
+      for i in range(c * chunk_size, min((c + 1) * chunk_size, drawn_total), batch_size):
+        label = all_labels[i:i + batch_size]
+        grids.append(np.asarray(decode(label, engine.image_keys(seed, i, batch_size)))
+                     .reshape(batch_size, *model.grid))                  # [b, H, W]
+        labels.append(label)
       tokens_lib.save_atomic(path('tokens', c), np.concatenate(grids))
       tokens_lib.save_atomic(path('labels', c), np.concatenate(labels))
       drawn += len(labels) * batch_size
